@@ -1,0 +1,1 @@
+"""Tenant adapters: validation, storage and registry (filled in by the adapters issue)."""

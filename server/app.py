@@ -1,0 +1,122 @@
+"""The app factory and its lifespan, which owns every resource: the tenants directory, the
+engine client, a local engine process when there is one, and the engine monitor task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from server.deps import Services
+from server.engine import Engine
+from server.engine_monitor import EngineMonitor
+from server.engine_process import (
+    EngineProcess,
+    EngineStartError,
+    fake_argv,
+    free_loopback_port,
+    vllm_argv,
+)
+from server.errors import register_error_handlers
+from server.metrics import Metrics
+from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from server.routes import openai_api, probes
+from server.serving import GenerationService
+from server.settings import Settings
+from server.tenants import TenantDirectory, TenantsFileError
+from server.token_count import TokenCounter
+from server.vllm_engine import VllmEngine
+
+logger = logging.getLogger(__name__)
+
+DEV_TENANTS_WARNING = (
+    "RUNNING WITH A DEV TENANTS FILE (`dev: true`): its API keys are public. "
+    "Never expose this server; set LORAGATE_TENANTS_FILE to your own file."
+)
+
+
+def engine_client(settings: Settings, base_url: str) -> httpx.AsyncClient:
+    e = settings.engine
+    timeout = httpx.Timeout(e.request_timeout_s, connect=e.connect_timeout_s)
+    # No connection cap: admission control, not the pool, decides how much reaches the engine.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+
+
+def load_tenants(settings: Settings) -> TenantDirectory:
+    if settings.tenants_file is None:
+        raise TenantsFileError(
+            "LORAGATE_TENANTS_FILE is not set; `make serve` uses the dev file "
+            "deploy/dev/tenants.dev.yaml"
+        )
+    tenants = TenantDirectory.load(settings.tenants_file)
+    if tenants.is_dev:
+        logger.warning(DEV_TENANTS_WARNING)
+    return tenants
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    on_fatal: Callable[[int], None] | None = None,
+) -> FastAPI:
+    """Build the gateway. With `engine` given (tests), no engine process or client is made."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tenants = load_tenants(settings)
+        process, the_engine = _make_engine(settings, engine)
+        monitor = EngineMonitor(the_engine, settings.engine, metrics, process, on_fatal)
+        monitor_task: asyncio.Task[None] | None = None
+        try:
+            if process is not None:
+                process.start()
+                await process.wait_healthy(the_engine.health, settings.engine.startup_timeout_s)
+            await monitor.check_now()
+            monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
+            generation = GenerationService(
+                settings, the_engine, monitor, metrics,
+                TokenCounter.from_model_dir(settings.model_path),
+            )  # fmt: skip
+            app.state.services = Services(tenants, generation, monitor, metrics)
+            yield
+        finally:
+            if monitor_task is not None:
+                monitor_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor_task
+            if engine is None:
+                await the_engine.aclose()
+            if process is not None:
+                await process.stop()
+
+    app = FastAPI(title="loragate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    register_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(probes.router)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProcess | None, Engine]:
+    if engine is not None:
+        return None, engine
+    if settings.engine.url is not None:
+        return None, VllmEngine(engine_client(settings, str(settings.engine.url).rstrip("/")))
+    if settings.engine.kind == "vllm" and not (settings.model_path / "config.json").is_file():
+        raise EngineStartError(
+            f"no model at {settings.model_path}: run `loragate model prepare` first"
+        )
+    port = settings.engine.port or free_loopback_port()
+    argv = (vllm_argv if settings.engine.kind == "vllm" else fake_argv)(settings, port)
+    process = EngineProcess(argv, settings.cache_dir / "logs" / f"engine-{port}.log")
+    return process, VllmEngine(engine_client(settings, f"http://127.0.0.1:{port}"))

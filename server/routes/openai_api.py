@@ -1,0 +1,83 @@
+"""Tenant routes of the OpenAI API: parse, authorize, call the generation service, render."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.deps import ServicesDep, TenantDep, parse_body
+from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
+
+router = APIRouter(prefix="/v1")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in our own metrics
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/models")
+async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
+    return services.generation.list_models(tenant)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
+    started = time.perf_counter()
+    body = await parse_body(request, ChatCompletionRequest)
+    return await _generate(request, services, tenant, body, started)
+
+
+@router.post("/completions")
+async def completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
+    started = time.perf_counter()
+    body = await parse_body(request, CompletionRequest)
+    return await _generate(request, services, tenant, body, started)
+
+
+async def _generate(
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    body: GenerationRequest,
+    started: float,
+) -> Response:
+    if body.stream:
+        # A client that goes away mid-stream cancels this generator, which closes the engine
+        # stream (see GenerationService._relay).
+        stream = await services.generation.stream(tenant, body, started)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    result = await _unless_disconnected(request, services.generation.generate(tenant, body))
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return JSONResponse(result)
+
+
+async def _unless_disconnected(
+    request: Request, work: Awaitable[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Run `work`, cancelling it (and so the engine request) if the client disconnects."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work_task.cancel()
+        raise
+    finally:
+        watch_task.cancel()
+    if work_task in done:
+        return work_task.result()
+    work_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work_task
+    return None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,91 @@
+"""The one typed settings object: environment variables `LORAGATE_*`, nested groups with `__`.
+
+Nothing else in loragate reads `os.environ`; the CLI builds a `Settings` and hands it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, HttpUrl, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.model_prepare import DEFAULT_MODEL_NAME
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("loragate"))
+
+
+class ModelSettings(BaseModel):
+    name: str = Field(DEFAULT_MODEL_NAME, min_length=1, max_length=128)
+    # Defaults to <cache_dir>/models/<name>, built by `loragate model prepare`.
+    path: Path | None = None
+    max_model_len: int = Field(2048, ge=64, le=1_048_576)
+
+
+class EngineSettings(BaseModel):
+    # An engine run elsewhere (Kubernetes); when unset, `loragate serve` starts one locally.
+    url: HttpUrl | None = None
+    # `fake` runs loragate's deterministic fake engine instead of vLLM: for tests and for
+    # measuring the gateway alone. Never for users.
+    kind: Literal["vllm", "fake"] = "vllm"
+    # Private loopback port of the local engine; 0 picks a free one.
+    port: int = Field(0, ge=0, le=65535)
+    dtype: str = "float32"  # ~4x faster than bf16 on CPUs without AVX512-BF16
+    # On the CPU build this is the host-memory fraction; vLLM's default is refused on 8 GiB nodes.
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    max_loras: int = Field(4, ge=1, le=256)  # adapters batched together on the engine
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(600, gt=0)
+    # What `loragate serve` does when its local engine dies: restart it, or exit non-zero
+    # after `exit_grace_s` of answering 503 (time for a load balancer to see /readyz fail).
+    restart: bool = False
+    exit_grace_s: float = Field(5, ge=0, le=600)
+    health_interval_s: float = Field(2, gt=0, le=60)
+    request_timeout_s: float = Field(600, gt=0)
+    connect_timeout_s: float = Field(2, gt=0)
+
+
+class LimitSettings(BaseModel):
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    max_tokens: int = Field(1024, ge=1)  # largest max_tokens a caller may ask for
+    default_max_tokens: int = Field(256, ge=1)  # used when a request names none
+    max_n: int = Field(4, ge=1, le=128)
+    max_stop: int = Field(4, ge=0, le=64)
+    max_messages: int = Field(256, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitSettings:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens must not exceed max_tokens")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORAGATE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    tenants_file: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @property
+    def model_path(self) -> Path:
+        return self.model.path or self.cache_dir / "models" / self.model.name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.limits.max_tokens >= self.model.max_model_len:
+            raise ValueError("limits.max_tokens must be below model.max_model_len")
+        return self

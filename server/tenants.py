@@ -1,0 +1,120 @@
+"""Tenants and API keys, loaded from the tenants file (YAML).
+
+Keys are stored as sha256 hex digests, never in plaintext; a presented key is hashed and compared
+in constant time against every stored digest, so the answer's timing says nothing about which
+digest came close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MAX_TENANTS_FILE_BYTES = 4 << 20
+MAX_KEY_CHARS = 512
+
+KeyDigests = Annotated[list[str], Field(min_length=1, max_length=64)]
+
+
+class TenantsFileError(ValueError):
+    """The tenants file is missing, unreadable or invalid."""
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class _KeyHolder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_key_sha256: KeyDigests
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if not SHA256_HEX.match(digest):
+                raise ValueError("each key must be a lowercase sha256 hex digest (64 chars)")
+        return digests
+
+
+class TenantEntry(_KeyHolder):
+    """One tenant's block; later issues add `adapters` and `limits` beside the keys."""
+
+
+class TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Marks a file with publicly known keys; the server warns loudly when it runs with one.
+    dev: bool = False
+    admin: _KeyHolder | None = None
+    tenants: dict[str, TenantEntry] = Field(default_factory=dict, max_length=100_000)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: dict[str, TenantEntry]) -> dict[str, TenantEntry]:
+        for name in tenants:
+            if not TENANT_NAME.match(name):
+                raise ValueError(f"tenant name {name!r} must be a lowercase slug")
+        return tenants
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a key belongs to: a tenant, or the operator (admin)."""
+
+    tenant: Tenant | None
+    is_admin: bool = False
+
+
+class TenantDirectory:
+    def __init__(self, config: TenantsFile) -> None:
+        self.is_dev = config.dev
+        self._tenants = {name: Tenant(name) for name in config.tenants}
+        entries: list[tuple[bytes, Principal]] = []
+        if config.admin:
+            admin = Principal(tenant=None, is_admin=True)
+            entries += [(bytes.fromhex(d), admin) for d in config.admin.api_key_sha256]
+        for name, entry in config.tenants.items():
+            principal = Principal(tenant=self._tenants[name])
+            entries += [(bytes.fromhex(d), principal) for d in entry.api_key_sha256]
+        self._keys = entries
+
+    @classmethod
+    def load(cls, path: Path) -> TenantDirectory:
+        try:
+            if path.stat().st_size > MAX_TENANTS_FILE_BYTES:
+                raise TenantsFileError(f"{path} is larger than {MAX_TENANTS_FILE_BYTES} bytes")
+            raw = yaml.safe_load(path.read_text())
+            return cls(TenantsFile.model_validate(raw or {}))
+        except OSError as e:
+            raise TenantsFileError(f"cannot read tenants file {path}: {e}") from e
+        except (yaml.YAMLError, ValidationError) as e:
+            raise TenantsFileError(f"invalid tenants file {path}: {e}") from e
+
+    def authenticate(self, key: str) -> Principal | None:
+        if not key or len(key) > MAX_KEY_CHARS:
+            return None
+        presented = hashlib.sha256(key.encode()).digest()
+        found: Principal | None = None
+        for digest, principal in self._keys:  # no early exit: constant work per key
+            if hmac.compare_digest(presented, digest):
+                found = principal
+        return found
+
+    def tenant(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)

