@@ -1,11 +1,11 @@
 """Adapter errors. The gateway renders each as an OpenAI envelope (see server/errors.py):
 
-    AdapterError
-    ├── AdapterRejectedError    400: the files are not a servable adapter (code names why)
-    │   └── AdapterTooLargeError 413: a file or the upload is over its size limit
-    ├── AdapterNotFoundError    404: no such adapter for this tenant (or another tenant's)
-    ├── AdapterConflictError    409: the name holds different content and replace was not asked
-    └── AdapterStoreError       500: the store or registry failed (I/O), nothing half-written
+AdapterError
+├── AdapterRejectedError    400: the files are not a servable adapter (code names why)
+│   └── AdapterTooLargeError 413: a file or the upload is over its size limit
+├── AdapterNotFoundError    404: no such adapter for this tenant (or another tenant's)
+├── AdapterConflictError    409: the name holds different content and replace was not asked
+└── AdapterStoreError       500: the store or registry failed (I/O), nothing half-written
 """
 
 from __future__ import annotations

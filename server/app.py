@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,8 +14,14 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
+from adapters.registry import LocalAdapterRegistry
+from adapters.store import LocalAdapterStore
+from adapters.types import BaseModelSpec
+from adapters.validation import ValidationLimits
+from server.adapter_admin import AdapterAdminService
 from server.deps import Services
 from server.engine import Engine
+from server.engine_adapters import EngineAdapters
 from server.engine_monitor import EngineMonitor
 from server.engine_process import (
     EngineProcess,
@@ -26,7 +33,8 @@ from server.engine_process import (
 from server.errors import register_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
-from server.routes import openai_api, probes
+from server.request_bounds import RequestBounds
+from server.routes import admin_adapters, openai_api, probes
 from server.serving import GenerationService
 from server.settings import Settings
 from server.tenants import TenantDirectory, TenantsFileError
@@ -61,6 +69,25 @@ def load_tenants(settings: Settings) -> TenantDirectory:
     return tenants
 
 
+def load_base_spec(settings: Settings) -> BaseModelSpec | None:
+    """The base model's shapes, to validate uploads against; None without a local config."""
+    config_path = settings.model_path / "config.json"
+    try:
+        return BaseModelSpec.from_hf_config(json.loads(config_path.read_text()))
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("cannot read %s (%s): adapter uploads will be refused", config_path, e)
+        return None
+
+
+def validation_limits(settings: Settings) -> ValidationLimits:
+    a = settings.adapters
+    return ValidationLimits(
+        max_config_bytes=a.max_config_bytes,
+        max_weights_bytes=a.max_upload_bytes,
+        max_rank=settings.engine.max_lora_rank,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -76,19 +103,33 @@ def create_app(
         process, the_engine = _make_engine(settings, engine)
         monitor = EngineMonitor(the_engine, settings.engine, metrics, process, on_fatal)
         monitor_task: asyncio.Task[None] | None = None
+        store = LocalAdapterStore(settings.store_path)
+        registry = LocalAdapterRegistry(settings.store_path, settings.adapters.max_per_tenant)
+        engine_adapters = EngineAdapters(
+            the_engine,
+            lambda digest: str(store.local_dir(digest)),
+            settings.max_loaded_adapters,
+            metrics,
+            settings.adapters.wait_for_slot_s,
+        )
         try:
             if process is not None:
                 process.start()
                 await process.wait_healthy(the_engine.health, settings.engine.startup_timeout_s)
             await monitor.check_now()
             monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
+            bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
-                settings, the_engine, monitor, metrics,
-                TokenCounter.from_model_dir(settings.model_path),
+                settings, the_engine, monitor, metrics, bounds, registry, engine_adapters
+            )
+            admin = AdapterAdminService(
+                tenants, store, registry, load_base_spec(settings), validation_limits(settings),
+                settings.store_path / "uploads", engine_adapters, metrics,
             )  # fmt: skip
-            app.state.services = Services(tenants, generation, monitor, metrics)
+            app.state.services = Services(tenants, generation, admin, monitor, metrics)
             yield
         finally:
+            await engine_adapters.aclose()
             if monitor_task is not None:
                 monitor_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -102,7 +143,13 @@ def create_app(
     register_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(probes.router)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    app.include_router(admin_adapters.router)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.limits.max_body_bytes,
+        upload_prefix="/admin/v1/tenants/",
+        max_upload_bytes=settings.adapters.max_upload_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

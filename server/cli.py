@@ -13,6 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 
+from server.cli_adapters import adapters_app
 from server.model_prepare import ModelPrepareError, prepare_default_model
 from server.settings import Settings
 from server.tenants import hash_api_key
@@ -22,6 +23,7 @@ model_app = typer.Typer(help="The base model.")
 keys_app = typer.Typer(help="API keys for the tenants file.")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
 
 err = Console(stderr=True)
 GRACEFUL_SHUTDOWN_S = 30

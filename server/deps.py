@@ -12,6 +12,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
+from server.adapter_admin import AdapterAdminService
 from server.engine_monitor import EngineMonitor
 from server.errors import AuthenticationError, PermissionDeniedError, validation_error
 from server.metrics import Metrics
@@ -27,6 +28,7 @@ class Services:
 
     tenants: TenantDirectory
     generation: GenerationService
+    admin: AdapterAdminService
     monitor: EngineMonitor
     metrics: Metrics
 
@@ -53,6 +55,12 @@ def get_principal(
     return principal
 
 
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise PermissionDeniedError("this route needs the admin API key")
+    return principal
+
+
 def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> Tenant:
     if principal.tenant is None:
         raise PermissionDeniedError("this route needs a tenant API key, not an admin key")
@@ -68,3 +76,4 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -30,4 +30,13 @@ class Engine(Protocol):
         """Send a streaming request; raises before returning if the engine refuses it."""
         ...
 
+    async def load_adapter(self, engine_name: str, path: str) -> None:
+        """Make the adapter at `path` servable as model `engine_name`; loading a name that is
+        already loaded is not an error."""
+        ...
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        """Stop serving `engine_name`; unloading a name the engine does not know is not an error."""
+        ...
+
     async def aclose(self) -> None: ...

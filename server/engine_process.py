@@ -54,6 +54,7 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         "--enable-lora",
         "--max-lora-rank", str(e.max_lora_rank),
         "--max-loras", str(e.max_loras),
+        "--max-cpu-loras", str(settings.max_loaded_adapters),
         "--disable-uvicorn-access-log",
         *e.extra_args,
     ]  # fmt: skip

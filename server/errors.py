@@ -7,11 +7,13 @@
     ├── PermissionDeniedError     (403 permission_error)
     ├── NotFoundError             (404 not_found_error)
     ├── PayloadTooLargeError      (413 invalid_request_error)
+    ├── ConflictError             (409 conflict_error)
     ├── EngineError               (502 api_error: the engine answered, but not sensibly)
     └── EngineUnavailableError    (503 service_unavailable, with Retry-After)
 
-Services raise these; `register_error_handlers` renders them, framework errors included, so no
-route ever builds an error body itself.
+Services raise these (and `adapters.errors` types, mapped in `_ADAPTER_ERRORS`);
+`register_error_handlers` renders them, framework errors included, so no route ever builds an
+error body itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterRejectedError,
+    AdapterStoreError,
+    AdapterTooLargeError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +101,12 @@ class PayloadTooLargeError(LoragateError):
     default_code = "payload_too_large"
 
 
+class ConflictError(LoragateError):
+    status_code = 409
+    error_type = "conflict_error"
+    default_code = "adapter_conflict"
+
+
 class EngineError(LoragateError):
     status_code = 502
     error_type = "api_error"
@@ -151,7 +168,29 @@ _STATUS_TO_ERROR: dict[int, type[LoragateError]] = {
 }
 
 
+def _adapter_error(exc: AdapterError) -> LoragateError:
+    for cls, error_cls in _ADAPTER_ERRORS:
+        if isinstance(exc, cls):
+            return error_cls(exc.message, param=exc.param, code=exc.code)
+    return LoragateError(exc.message, code=exc.code)
+
+
+# Most specific first: the adapters package's errors, rendered by the same envelope.
+_ADAPTER_ERRORS: tuple[tuple[type[AdapterError], type[LoragateError]], ...] = (
+    (AdapterTooLargeError, PayloadTooLargeError),
+    (AdapterRejectedError, InvalidRequestError),
+    (AdapterNotFoundError, NotFoundError),
+    (AdapterConflictError, ConflictError),
+)
+
+
 def register_error_handlers(app: FastAPI) -> None:
+    async def on_adapter_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AdapterError)
+        if isinstance(exc, AdapterStoreError):
+            logger.error("adapter store failure: %s", exc.message)
+        return error_response(_adapter_error(exc))
+
     async def on_loragate_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LoragateError)
         return error_response(exc)
@@ -173,6 +212,7 @@ def register_error_handlers(app: FastAPI) -> None:
         return error_response(LoragateError("internal server error"))
 
     app.add_exception_handler(LoragateError, on_loragate_error)
+    app.add_exception_handler(AdapterError, on_adapter_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

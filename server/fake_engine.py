@@ -13,12 +13,14 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 
 @dataclass
@@ -27,12 +29,20 @@ class FakeEngineKnobs:
     ttft_s: float = 0.0
     token_interval_s: float = 0.0
     fail_status: int | None = None  # answer every generation request with this status
+    load_s: float = 0.0  # how long an adapter load takes
     healthy: bool = True
 
 
 @dataclass
 class FakeEngineStats:
     generate_calls: int = 0
+    loads: int = 0
+    unloads: int = 0
+    # engine name -> adapter path, like vLLM's runtime-loaded LoRA table
+    adapters: dict[str, str] = field(default_factory=dict)
+    # requests running per engine name, and unloads that hit a busy adapter (must stay 0)
+    in_flight: Counter[str] = field(default_factory=Counter)
+    unloaded_while_busy: int = 0
 
 
 def fake_tokens(body: dict[str, Any]) -> list[str]:
@@ -122,6 +132,16 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
+async def _counted(
+    events: AsyncIterator[bytes], stats: FakeEngineStats, model: str
+) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        stats.in_flight[model] -= 1
+
+
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     error = {"message": message, "type": "fake_error", "param": param, "code": status}
     return JSONResponse({"error": error}, status_code=status)
@@ -148,14 +168,43 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
         body = await request.json()
         if knobs.fail_status:
             return _error(knobs.fail_status, "fake failure")
-        if body.get("model") != knobs.model:
-            return _error(404, f"The model `{body.get('model')}` does not exist.", param="model")
+        model = body.get("model")
+        if model != knobs.model and model not in stats.adapters:
+            return _error(404, f"The model `{model}` does not exist.", param="model")
         tokens = fake_tokens(body)
+        if model != knobs.model:
+            # An adapter's answer differs from the base's, deterministically per adapter path.
+            tokens = [f"[{Path(stats.adapters[model]).name[:8]}]", *tokens][: len(tokens)]
+        stats.in_flight[model] += 1
         if body.get("stream"):
-            return StreamingResponse(_stream(body, tokens, knobs), media_type="text/event-stream")
-        await asyncio.sleep(knobs.ttft_s + knobs.token_interval_s * max(len(tokens) - 1, 0))
+            events = _stream(body, tokens, knobs)
+            return StreamingResponse(_counted(events, stats, model), media_type="text/event-stream")
+        try:
+            await asyncio.sleep(knobs.ttft_s + knobs.token_interval_s * max(len(tokens) - 1, 0))
+        finally:
+            stats.in_flight[model] -= 1
         chat = "messages" in body
         return (_chat_result if chat else _completion_result)(body, tokens)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request) -> Any:
+        body = await request.json()
+        if body["lora_name"] in stats.adapters:
+            return _error(400, f"The lora adapter '{body['lora_name']}' has already been loaded.")
+        await asyncio.sleep(knobs.load_s)
+        stats.loads += 1
+        stats.adapters[body["lora_name"]] = body["lora_path"]
+        return PlainTextResponse("Success")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request) -> Any:
+        body = await request.json()
+        if stats.in_flight[body["lora_name"]]:
+            stats.unloaded_while_busy += 1
+        if stats.adapters.pop(body["lora_name"], None) is None:
+            return _error(404, f"The lora adapter '{body['lora_name']}' cannot be found.")
+        stats.unloads += 1
+        return PlainTextResponse("Success")
 
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
     app.add_api_route("/v1/completions", generate, methods=["POST"])

@@ -63,6 +63,49 @@ class Metrics:
             "1 when the engine answers its health check, else 0.",
             registry=r,
         )
+        self.adapter_uploads = Counter(
+            "loragate_adapter_uploads_total",
+            "Adapter uploads by result (created, unchanged, replaced, rejected, conflict, error).",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "loragate_adapter_loads_total",
+            "Adapter loads onto the engine, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "loragate_adapter_unloads_total",
+            "Adapter unloads from the engine, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "loragate_adapter_load_seconds",
+            "Time to load an adapter onto the engine.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "loragate_adapters_loaded",
+            "Adapters loaded on the engine now.",
+            registry=r,
+        )
+        # `model` is the base model's name or "<tenant>/<adapter>" from the registry, never the
+        # raw request string: unknown names are refused before anything is counted.
+        self.generation_requests = Counter(
+            "loragate_generation_requests_total",
+            "Generation requests served, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "loragate_generation_tokens_total",
+            "Tokens by model and kind (prompt, completion), from the engine's usage report.",
+            ["model", "kind"],
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "loragate_engine_restarts_total",
             "Local engine processes restarted after dying.",

@@ -19,17 +19,25 @@ class _BodyTooLarge(Exception):
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    """Bounds every body; paths under `upload_prefix` (adapter uploads) get the larger bound."""
+
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, upload_prefix: str, max_upload_bytes: int
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_prefix = upload_prefix
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = PayloadTooLargeError(f"request body is larger than {self.max_body_bytes} bytes")
+        is_upload = str(scope.get("path", "")).startswith(self.upload_prefix)
+        limit = self.max_upload_bytes if is_upload else self.max_body_bytes
+        error = PayloadTooLargeError(f"request body is larger than {limit} bytes")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             await error_response(error)(scope, receive, send)
             return
 
@@ -41,7 +49,7 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 

@@ -110,6 +110,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
 
 

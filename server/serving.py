@@ -1,35 +1,43 @@
-"""The generation service: checks a tenant's request against the model and the limits, sends it
-to the engine, and hands back the result or an SSE byte stream. No FastAPI in here.
+"""The generation service: resolves a tenant's `model` (the base model or one of its adapters),
+checks the request's bounds, pins the adapter on the engine, and hands back the result or an SSE
+byte stream. No FastAPI in here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from adapters.registry import AdapterRegistry
+from adapters.types import ADAPTER_NAME, AdapterRecord
 from server.engine import Engine, EngineStream, GenerationKind
+from server.engine_adapters import AdapterLease, EngineAdapters
 from server.engine_monitor import EngineMonitor
 from server.errors import (
-    ContextLengthError,
     EngineUnavailableError,
-    InvalidRequestError,
     LoragateError,
     ModelNotFoundError,
-    sse_error_event,
 )
 from server.metrics import Metrics
-from server.protocol import (
-    ChatCompletionRequest,
-    GenerationRequest,
-    ModelCard,
-    ModelList,
-)
+from server.protocol import ChatCompletionRequest, GenerationRequest, ModelCard, ModelList
+from server.request_bounds import RequestBounds
 from server.settings import Settings
+from server.sse_relay import RelayOptions, relay_events
 from server.tenants import Tenant
-from server.token_count import TokenCounter
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` resolved to."""
+
+    public_name: str
+    metrics_label: str  # base model name or "<tenant>/<adapter>": from the registry only
+    adapter: AdapterRecord | None
 
 
 class GenerationService:
@@ -39,75 +47,157 @@ class GenerationService:
         engine: Engine,
         monitor: EngineMonitor,
         metrics: Metrics,
-        token_counter: TokenCounter,
+        bounds: RequestBounds,
+        registry: AdapterRegistry,
+        adapters: EngineAdapters,
     ) -> None:
-        self._settings = settings
+        self._base = settings.model
         self._engine = engine
         self._monitor = monitor
         self._metrics = metrics
-        self._tokens = token_counter
+        self._bounds = bounds
+        self._registry = registry
+        self._adapters = adapters
         self._created = int(time.time())
 
-    def list_models(self, tenant: Tenant) -> ModelList:
+    async def list_models(self, tenant: Tenant) -> ModelList:
         base = ModelCard(
-            id=self._settings.model.name,
+            id=self._base.name,
             created=self._created,
             owned_by="loragate",
-            max_model_len=self._settings.model.max_model_len,
+            max_model_len=self._base.max_model_len,
         )
-        return ModelList(data=[base])
+        records = await asyncio.to_thread(self._registry.list, tenant.name)
+        cards = [
+            ModelCard(
+                id=r.name, created=self._created, owned_by=tenant.name, parent=self._base.name
+            )
+            for r in records
+        ]
+        return ModelList(data=[base, *cards])
 
     async def generate(self, tenant: Tenant, request: GenerationRequest) -> dict[str, Any]:
-        kind, body = await self._prepare(tenant, request)
-        return await self._call(self._engine.generate(kind, body))
+        target, kind, body = await self._prepare(tenant, request)
+        lease = await self._lease(target)
+        try:
+            result = await self._on_engine(
+                target, lease, body, lambda: self._engine.generate(kind, body)
+            )
+        finally:
+            if lease is not None:
+                lease.release()
+        result["model"] = target.public_name
+        self._count(target, result.get("usage"))
+        return result
 
     async def stream(
         self, tenant: Tenant, request: GenerationRequest, started: float
     ) -> AsyncIterator[bytes]:
         """Open the engine stream (errors raise here, before any byte is sent) and return the
-        bytes as they arrive; errors after that become an in-band SSE error event."""
-        kind, body = await self._prepare(tenant, request)
-        upstream = await self._call(self._engine.open_stream(kind, body))
+        events as they arrive; errors after that become an in-band SSE error event."""
+        target, kind, body = await self._prepare(tenant, request)
+        forward_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        lease = await self._lease(target)
+        try:
+            upstream = await self._on_engine(
+                target, lease, body, lambda: self._engine.open_stream(kind, body)
+            )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        return self._relay(upstream, route, started)
+        options = RelayOptions(
+            str(body["model"]).encode(), target.public_name.encode(), forward_usage
+        )
+        return self._relay(upstream, options, target, lease, route, started)
 
     async def _relay(
-        self, upstream: EngineStream, route: str, started: float
+        self,
+        upstream: EngineStream,
+        options: RelayOptions,
+        target: Target,
+        lease: AdapterLease | None,
+        route: str,
+        started: float,
     ) -> AsyncIterator[bytes]:
-        first = True
-        try:
-            async for chunk in upstream:
-                if first:
-                    self._metrics.time_to_first_token.labels(route).observe(
-                        time.perf_counter() - started
-                    )
-                    first = False
-                yield chunk
-        except LoragateError as e:
+        def first_event() -> None:
+            elapsed = time.perf_counter() - started
+            self._metrics.time_to_first_token.labels(route).observe(elapsed)
+
+        def usage(prompt: int, completion: int) -> None:
+            self._count(target, {"prompt_tokens": prompt, "completion_tokens": completion})
+
+        def error(e: LoragateError) -> None:
             if isinstance(e, EngineUnavailableError):
                 self._monitor.mark_unreachable()
-            yield sse_error_event(e)
-        finally:
-            # Also runs when the client disconnects: closing the upstream response makes the
-            # engine abort the request instead of generating for nobody.
-            await upstream.aclose()
 
-    async def _call(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async for chunk in relay_events(upstream, options, first_event, usage, error):
+                yield chunk
+        finally:
+            if lease is not None:
+                lease.release()  # the request is over: the adapter may be unloaded again
+
+    async def _lease(self, target: Target) -> AdapterLease | None:
+        if target.adapter is None:
+            return None
+        return await self._guard(self._adapters.acquire(target.adapter.digest))
+
+    async def _on_engine(
+        self,
+        target: Target,
+        lease: AdapterLease | None,
+        body: dict[str, Any],
+        call: Callable[[], Awaitable[T]],
+    ) -> T:
+        if lease is not None:
+            body["model"] = lease.engine_name
+        try:
+            return await self._guard(call())
+        except ModelNotFoundError:
+            if lease is None:
+                raise
+            # The engine lost the adapter (it restarted): load it again, once.
+            await self._guard(self._adapters.reload(lease.digest))
+            return await self._guard(call())
+
+    async def _guard(self, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
         except EngineUnavailableError:
             self._monitor.mark_unreachable()
             raise
 
-    async def _prepare(
-        self, tenant: Tenant, request: GenerationRequest
-    ) -> tuple[GenerationKind, dict[str, Any]]:
-        if request.model != self._settings.model.name:
+    def _count(self, target: Target, usage: Any) -> None:
+        label = target.metrics_label
+        self._metrics.generation_requests.labels(label).inc()
+        if isinstance(usage, dict):
+            for kind in ("prompt", "completion"):
+                tokens = usage.get(f"{kind}_tokens")
+                if isinstance(tokens, int) and tokens >= 0:
+                    self._metrics.generation_tokens.labels(label, kind).inc(tokens)
+
+    async def _resolve(self, tenant: Tenant, model: str) -> Target:
+        if model == self._base.name:
+            return Target(model, model, None)
+        record = None
+        if ADAPTER_NAME.fullmatch(model):
+            record = await asyncio.to_thread(self._registry.get, tenant.name, model)
+        if record is None:
+            # Another tenant's adapter answers exactly like one that does not exist.
             raise ModelNotFoundError(
-                f"The model `{request.model}` does not exist or you do not have access to it.",
+                f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
             )
-        max_tokens = await self._check_bounds(request)
+        return Target(model, f"{tenant.name}/{model}", record)
+
+    async def _prepare(
+        self, tenant: Tenant, request: GenerationRequest
+    ) -> tuple[Target, GenerationKind, dict[str, Any]]:
+        target = await self._resolve(tenant, request.model)
+        max_tokens = await self._bounds.check(request)
         if not self._monitor.ready:
             raise EngineUnavailableError()
         body = request.engine_body()
@@ -116,39 +206,4 @@ class GenerationService:
         kind: GenerationKind = (
             "chat" if isinstance(request, ChatCompletionRequest) else "completions"
         )
-        return kind, body
-
-    async def _check_bounds(self, request: GenerationRequest) -> int:
-        """Refuse what the limits do not allow; return the max_tokens to send."""
-        limits = self._settings.limits
-        if (request.n or 1) > limits.max_n:
-            raise InvalidRequestError(f"n must be at most {limits.max_n}", param="n")
-        if len(request.stop_list()) > limits.max_stop:
-            raise InvalidRequestError(f"at most {limits.max_stop} stop sequences", param="stop")
-        if (
-            isinstance(request, ChatCompletionRequest)
-            and len(request.messages) > limits.max_messages
-        ):
-            raise InvalidRequestError(f"at most {limits.max_messages} messages", param="messages")
-        param = (
-            "max_completion_tokens"
-            if (isinstance(request, ChatCompletionRequest) and request.max_completion_tokens)
-            else "max_tokens"
-        )
-        requested = request.requested_max_tokens()
-        if requested is not None and requested > limits.max_tokens:
-            raise InvalidRequestError(f"{param} must be at most {limits.max_tokens}", param=param)
-        max_tokens = requested or limits.default_max_tokens
-        counts = await self._tokens.count(request.prompt_texts())
-        # Chat messages form one prompt; a list of completion prompts is a batch of prompts.
-        is_chat = isinstance(request, ChatCompletionRequest)
-        prompt_tokens = (sum(counts) if is_chat else max(counts)) if counts else None
-        context = self._settings.model.max_model_len
-        if prompt_tokens is not None and prompt_tokens + max_tokens > context:
-            prompt_param = "messages" if is_chat else "prompt"
-            raise ContextLengthError(
-                f"This model's maximum context length is {context} tokens; the prompt has "
-                f"{prompt_tokens} and {max_tokens} more were asked for.",
-                param=prompt_param,
-            )
-        return max_tokens
+        return target, kind, body

@@ -50,6 +50,18 @@ class EngineSettings(BaseModel):
     connect_timeout_s: float = Field(2, gt=0)
 
 
+# vLLM accepts only these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class AdapterSettings(BaseModel):
+    max_upload_bytes: int = Field(256 << 20, ge=1 << 20, le=4 << 30)  # the whole PUT body
+    max_config_bytes: int = Field(64 << 10, ge=1024, le=1 << 20)
+    max_per_tenant: int = Field(1000, ge=1, le=100_000)
+    # How long a request waits for an adapter slot when every loaded adapter is busy.
+    wait_for_slot_s: float = Field(30, gt=0, le=600)
+
+
 class LimitSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     max_tokens: int = Field(1024, ge=1)  # largest max_tokens a caller may ask for
@@ -73,19 +85,37 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # Adapter files and the registry; defaults to <cache_dir>/store. On Kubernetes, a volume
+    # shared by every gateway replica and the engines.
+    store_dir: Path | None = None
+    # Adapters loaded on the engine at once (vLLM's --max-cpu-loras); the least recently used
+    # idle one is unloaded to make room.
+    max_loaded_adapters: int = Field(8, ge=1, le=1024)
     tenants_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
 
     @property
     def model_path(self) -> Path:
         return self.model.path or self.cache_dir / "models" / self.model.name
 
+    @property
+    def store_path(self) -> Path:
+        return self.store_dir or self.cache_dir / "store"
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.limits.max_tokens >= self.model.max_model_len:
             raise ValueError("limits.max_tokens must be below model.max_model_len")
+        if self.engine.max_loras > self.max_loaded_adapters:
+            raise ValueError(
+                f"engine.max_loras ({self.engine.max_loras}) must not exceed "
+                f"max_loaded_adapters ({self.max_loaded_adapters})"
+            )
+        if self.engine.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"engine.max_lora_rank must be one of {VLLM_LORA_RANKS}")
         return self

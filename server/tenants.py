@@ -42,7 +42,7 @@ class _KeyHolder(BaseModel):
     @classmethod
     def _hex_digests(cls, digests: list[str]) -> list[str]:
         for digest in digests:
-            if not SHA256_HEX.match(digest):
+            if not SHA256_HEX.fullmatch(digest):
                 raise ValueError("each key must be a lowercase sha256 hex digest (64 chars)")
         return digests
 
@@ -63,7 +63,7 @@ class TenantsFile(BaseModel):
     @classmethod
     def _tenant_names(cls, tenants: dict[str, TenantEntry]) -> dict[str, TenantEntry]:
         for name in tenants:
-            if not TENANT_NAME.match(name):
+            if not TENANT_NAME.fullmatch(name):
                 raise ValueError(f"tenant name {name!r} must be a lowercase slug")
         return tenants
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from server.engine import GenerationKind
+from server.engine import EngineStream, GenerationKind
 from server.errors import (
     EngineError,
     EngineUnavailableError,
@@ -96,7 +96,7 @@ class VllmEngine:
             raise EngineError("the engine answered with invalid JSON") from e
         return result
 
-    async def open_stream(self, kind: GenerationKind, body: dict[str, Any]) -> HttpxEngineStream:
+    async def open_stream(self, kind: GenerationKind, body: dict[str, Any]) -> EngineStream:
         request = self._client.build_request("POST", PATHS[kind], json=body)
         try:
             response = await self._client.send(request, stream=True)
@@ -111,6 +111,27 @@ class VllmEngine:
                 await response.aclose()
             raise translate_error_status(response.status_code, content)
         return HttpxEngineStream(response)
+
+    async def load_adapter(self, engine_name: str, path: str) -> None:
+        body = {"lora_name": engine_name, "lora_path": path}
+        response = await self._post_admin("/v1/load_lora_adapter", body)
+        # After an engine restart we may reload a name it never lost (our view was stale):
+        # vLLM answers 400 "has already been loaded", which is the state we wanted.
+        if response.status_code == 400 and b"already been loaded" in response.content:
+            return
+        if response.status_code != 200:
+            raise translate_error_status(response.status_code, response.content)
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        response = await self._post_admin("/v1/unload_lora_adapter", {"lora_name": engine_name})
+        if response.status_code not in (200, 404):
+            raise translate_error_status(response.status_code, response.content)
+
+    async def _post_admin(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._client.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise translate_transport_error(e) from e
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -22,7 +22,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.get("/models")
 async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
-    return services.generation.list_models(tenant)
+    return await services.generation.list_models(tenant)
 
 
 @router.post("/chat/completions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from server.app import create_app
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from server.vllm_engine import VllmEngine
-from tests.support import TENANT_KEYS, write_tenants_file
+from tests.adapter_factory import SMOLLM2_CONFIG
+from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file
 
 MODEL = "test-model"
 
@@ -26,9 +28,14 @@ class Gateway:
     app: FastAPI
     knobs: FakeEngineKnobs
     fake: FastAPI
+    settings: Settings
 
     def headers(self, tenant: str = "acme") -> dict[str, str]:
         return {"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
     @property
     def engine_calls(self) -> int:
@@ -40,6 +47,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     # engine, except in tests that bring a tokenizer.
     model_dir = tmp_path / "model"
     model_dir.mkdir(exist_ok=True)
+    # The base model's shapes, which uploads are validated against (SmolLM2's).
+    (model_dir / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
     return Settings(
         tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
         cache_dir=tmp_path / "cache",
@@ -55,7 +64,12 @@ def knobs() -> FakeEngineKnobs:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path, engine={"health_interval_s": 0.2})
+    return make_settings(
+        tmp_path,
+        engine={"health_interval_s": 0.2, "max_loras": 2},
+        max_loaded_adapters=2,
+        adapters={"max_upload_bytes": 8 << 20},
+    )
 
 
 @pytest.fixture
@@ -64,4 +78,4 @@ def gateway(settings: Settings, knobs: FakeEngineKnobs) -> Iterator[Gateway]:
     client = httpx.AsyncClient(transport=httpx.ASGITransport(fake), base_url="http://engine")
     app = create_app(settings, engine=VllmEngine(client))
     with TestClient(app) as test_client:
-        yield Gateway(test_client, app, knobs, fake)
+        yield Gateway(test_client, app, knobs, fake, settings)

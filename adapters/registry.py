@@ -1,0 +1,282 @@
+"""Which adapter version each tenant's name points at: the `AdapterRegistry` seam and its
+directory implementation, safe for several gateway replicas sharing one volume.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from adapters.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterRejectedError,
+    AdapterStoreError,
+)
+from adapters.store import DIGEST, checked_digest, fsync_dir
+from adapters.types import ADAPTER_NAME, AdapterRecord
+
+logger = logging.getLogger(__name__)
+
+# Same rule as server.tenants.TENANT_NAME; repeated because `adapters` does not import `server`.
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+LOCK_FILE = ".lock"
+GENERATION_FILE = ".generation"
+_RECORD_SUFFIX = ".json"
+_PARTIAL_SUFFIX = ".tmp"
+
+
+class PutResult(enum.Enum):
+    CREATED = "created"
+    UNCHANGED = "unchanged"
+    REPLACED = "replaced"
+
+
+class AdapterRegistry(Protocol):
+    """tenant → adapter name → `AdapterRecord`. Implementations must be safe across threads.
+
+    Invalid tenant or adapter names raise AdapterRejectedError (code `bad_name`), except in `get`:
+    nothing can be stored under an invalid name, so it is simply absent (a 404 for the caller).
+    """
+
+    def get(self, tenant: str, name: str) -> AdapterRecord | None: ...
+
+    def list(self, tenant: str) -> builtins.list[AdapterRecord]:
+        """The tenant's records, sorted by name."""
+        ...
+
+    def put(self, record: AdapterRecord, *, replace: bool) -> tuple[PutResult, AdapterRecord]:
+        """Same digest: (UNCHANGED, the existing record). Different digest: AdapterConflictError
+        unless `replace`, then (REPLACED, record). New name: (CREATED, record)."""
+        ...
+
+    def delete(self, tenant: str, name: str) -> AdapterRecord:
+        """The removed record; AdapterNotFoundError if there was none."""
+        ...
+
+    def referenced_digests(self) -> set[str]:
+        """Digests some record points at: the store may garbage-collect all others."""
+        ...
+
+    def generation(self) -> int:
+        """Changes on every put or delete, also by other processes: compare it for inequality."""
+        ...
+
+
+def _checked_tenant(tenant: str) -> str:
+    if not isinstance(tenant, str) or TENANT_NAME.fullmatch(tenant) is None:
+        raise AdapterRejectedError(
+            "a tenant name is 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit",
+            code="bad_name",
+            param="tenant",
+        )
+    return tenant
+
+
+def _checked_name(name: str) -> str:
+    if not isinstance(name, str) or ADAPTER_NAME.fullmatch(name) is None:
+        raise AdapterRejectedError(
+            "an adapter name is 1-63 characters of a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit",
+            code="bad_name",
+            param="name",
+        )
+    return name
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    # Each acquisition opens its own descriptor: flock excludes other open file descriptions,
+    # so this serializes threads of one process as well as other processes.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_atomic(directory: Path, filename: str, data: bytes) -> None:
+    """Replace directory/filename with `data`, so readers see the old or new bytes, never a mix."""
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=_PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(partial, 0o644)
+        os.rename(partial, directory / filename)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+
+
+def _io_error(action: str, exc: OSError) -> AdapterStoreError:
+    return AdapterStoreError(f"the adapter registry could not {action}: {exc.strerror or exc}")
+
+
+class LocalAdapterRegistry:
+    """An `AdapterRegistry` on a directory: `root/registry/<tenant>/<name>.json`.
+
+    Readers take no lock (records are replaced by rename); writers hold the tenant's flock.
+    """
+
+    def __init__(self, root: Path, max_adapters_per_tenant: int = 1000) -> None:
+        self._root = root / "registry"
+        self._max_per_tenant = max_adapters_per_tenant
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _io_error("create its directory", exc) from exc
+
+    def get(self, tenant: str, name: str) -> AdapterRecord | None:
+        if TENANT_NAME.fullmatch(tenant) is None or ADAPTER_NAME.fullmatch(name) is None:
+            return None
+        return self._read(self._root / tenant, name)
+
+    def list(self, tenant: str) -> builtins.list[AdapterRecord]:
+        tenant_dir = self._root / _checked_tenant(tenant)
+        records = (self._read(tenant_dir, name) for name in self._names(tenant_dir))
+        return [record for record in records if record is not None]
+
+    def put(self, record: AdapterRecord, *, replace: bool) -> tuple[PutResult, AdapterRecord]:
+        tenant_dir = self._root / _checked_tenant(record.tenant)
+        _checked_name(record.name)
+        checked_digest(record.digest)
+        try:
+            self._ensure_dir(tenant_dir)
+            # The tenant lock's invariant: a record file is only written or removed by a holder
+            # who read that name's current state under the same hold, and the tenant's record
+            # count is checked and changed in that hold too. So no replica overwrites a version
+            # it did not see (a lost 409), and the per-tenant cap holds across replicas.
+            with _flocked(tenant_dir / LOCK_FILE):
+                return self._put_locked(tenant_dir, record, replace)
+        except OSError as exc:
+            raise _io_error(f"save adapter {record.name!r}", exc) from exc
+
+    def _put_locked(
+        self, tenant_dir: Path, record: AdapterRecord, replace: bool
+    ) -> tuple[PutResult, AdapterRecord]:
+        self._sweep_partial(tenant_dir)
+        existing = self._read(tenant_dir, record.name)
+        if existing is not None and existing.digest == record.digest:
+            return PutResult.UNCHANGED, existing
+        if existing is not None and not replace:
+            raise AdapterConflictError(
+                f"adapter {record.name!r} already holds different content; replace it explicitly",
+                code="adapter_conflict",
+                param="name",
+            )
+        if existing is None:
+            others = [n for n in self._names(tenant_dir) if n != record.name]
+            if len(others) >= self._max_per_tenant:
+                raise AdapterRejectedError(
+                    f"tenant {record.tenant!r} already has {len(others)} adapters, "
+                    f"the limit; delete one first",
+                    code="too_many_adapters",
+                )
+        data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
+        _write_atomic(tenant_dir, record.name + _RECORD_SUFFIX, data)
+        self._bump_generation()
+        return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
+
+    def delete(self, tenant: str, name: str) -> AdapterRecord:
+        tenant_dir = self._root / _checked_tenant(tenant)
+        _checked_name(name)
+        try:
+            if not tenant_dir.is_dir():
+                raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
+            with _flocked(tenant_dir / LOCK_FILE):  # the invariant is stated in `put`
+                self._sweep_partial(tenant_dir)
+                existing = self._read(tenant_dir, name)
+                if existing is None:
+                    raise AdapterNotFoundError(
+                        f"no adapter named {name!r}", code="adapter_not_found"
+                    )
+                os.unlink(tenant_dir / (name + _RECORD_SUFFIX))
+                fsync_dir(tenant_dir)
+                self._bump_generation()
+                return existing
+        except OSError as exc:
+            raise _io_error(f"delete adapter {name!r}", exc) from exc
+
+    def referenced_digests(self) -> set[str]:
+        try:
+            tenants = [t for t in os.listdir(self._root) if TENANT_NAME.fullmatch(t)]
+        except OSError as exc:
+            raise _io_error("list tenants", exc) from exc
+        return {record.digest for tenant in tenants for record in self.list(tenant)}
+
+    def generation(self) -> int:
+        try:
+            return int((self._root / GENERATION_FILE).read_bytes())
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            logger.warning("adapter registry generation file is corrupt; reading it as 0")
+            return 0
+        except OSError as exc:
+            raise _io_error("read its generation", exc) from exc
+
+    def _bump_generation(self) -> None:
+        # Called after the change is on disk, so a reader who sees the new number also sees the
+        # change. The lock keeps concurrent changes (any tenant, any process) from sharing a number.
+        with _flocked(self._root / (GENERATION_FILE + LOCK_FILE)):
+            self._sweep_partial(self._root)  # tenant dirs never end in .tmp: see TENANT_NAME
+            _write_atomic(self._root, GENERATION_FILE, b"%d" % (self.generation() + 1))
+
+    def _ensure_dir(self, tenant_dir: Path) -> None:
+        try:
+            tenant_dir.mkdir(mode=0o755)
+        except FileExistsError:
+            return
+        fsync_dir(self._root)
+
+    def _names(self, tenant_dir: Path) -> builtins.list[str]:
+        """Adapter names with a record file in tenant_dir, sorted."""
+        try:
+            entries = os.listdir(tenant_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _io_error(f"list {tenant_dir.name!r}", exc) from exc
+        stems = (e.removesuffix(_RECORD_SUFFIX) for e in entries if e.endswith(_RECORD_SUFFIX))
+        return sorted(s for s in stems if ADAPTER_NAME.fullmatch(s))
+
+    def _sweep_partial(self, tenant_dir: Path) -> None:
+        # Only called holding the lock of the writers into this dir: a partial file is a dead one's.
+        for entry in os.listdir(tenant_dir):
+            if entry.startswith(".") and entry.endswith(_PARTIAL_SUFFIX):
+                (tenant_dir / entry).unlink(missing_ok=True)
+
+    def _read(self, tenant_dir: Path, name: str) -> AdapterRecord | None:
+        """The record, or None if absent or corrupt (logged: one bad file must not stop serving)."""
+        path = tenant_dir / (name + _RECORD_SUFFIX)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _io_error(f"read adapter {name!r}", exc) from exc
+        try:
+            record = AdapterRecord.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("skipping corrupt adapter record %s: %r", path, exc)
+            return None
+        if (record.tenant, record.name) != (tenant_dir.name, name) or not DIGEST.fullmatch(
+            record.digest
+        ):
+            logger.warning("skipping adapter record %s: it does not match its path", path)
+            return None
+        return record

@@ -1,0 +1,176 @@
+"""Which adapters are loaded on the engine: loaded on first use (once, however many requests ask
+together), the least recently used idle one unloaded to make room, never one with requests in
+flight. Engine-side names derive from the content digest, never from a tenant's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.engine import Engine
+from server.errors import EngineUnavailableError, LoragateError
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+ENGINE_NAME_PREFIX = "lg-"
+
+
+def engine_name(digest: str) -> str:
+    return ENGINE_NAME_PREFIX + digest
+
+
+@dataclass
+class AdapterLease:
+    """A request's hold on a loaded adapter; the adapter cannot be unloaded until released."""
+
+    digest: str
+    engine_name: str
+    _release: Callable[[str], None] = field(repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self.digest)
+
+
+class EngineAdapters:
+    def __init__(
+        self,
+        engine: Engine,
+        adapter_path: Callable[[str], str],
+        capacity: int,
+        metrics: Metrics,
+        wait_for_slot_s: float = 30.0,
+    ) -> None:
+        self._engine = engine
+        self._adapter_path = adapter_path  # digest -> directory the engine can read
+        self._capacity = capacity
+        self._metrics = metrics
+        self._wait_for_slot_s = wait_for_slot_s
+        # Invariants: a digest in `_loaded` is loaded on the engine (as far as we know), in LRU
+        # order (oldest first); a digest with `_in_flight[d] > 0` is never unloaded; loaded plus
+        # `_reserved` (loads under way) never exceeds capacity. `_slots` serializes the
+        # make-room-and-reserve step so two loads cannot both claim the last slot.
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._in_flight: Counter[str] = Counter()
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._unloading: dict[str, asyncio.Task[None]] = {}
+        self._reserved = 0
+        self._slots = asyncio.Lock()
+        self._became_idle = asyncio.Event()
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def in_use(self, digest: str) -> bool:
+        return self._in_flight[digest] > 0 or digest in self._loading
+
+    async def acquire(self, digest: str) -> AdapterLease:
+        """Pin the adapter, loading it if needed; the caller must `release()` the lease."""
+        self._in_flight[digest] += 1  # pinned first: from here on nothing evicts it
+        try:
+            await self._ensure_loaded(digest)
+        except BaseException:
+            self._release(digest)
+            raise
+        return AdapterLease(digest, engine_name(digest), self._release)
+
+    async def reload(self, digest: str) -> None:
+        """The engine lost a pinned adapter (it restarted): load it again, keeping the pin."""
+        if digest in self._loaded:
+            del self._loaded[digest]
+            self._metrics.adapters_loaded.set(len(self._loaded))
+            logger.warning("adapter %s missing on the engine; reloading", digest[:12])
+        await self._ensure_loaded(digest)
+
+    async def _ensure_loaded(self, digest: str) -> None:
+        while digest not in self._loaded:
+            if (pending := self._loading.get(digest)) is not None:
+                await asyncio.shield(pending)
+            else:
+                await self._load(digest)
+        self._loaded.move_to_end(digest)
+
+    def _release(self, digest: str) -> None:
+        self._in_flight[digest] -= 1
+        if self._in_flight[digest] <= 0:
+            del self._in_flight[digest]
+            self._became_idle.set()
+
+    async def _load(self, digest: str) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, no warning
+        self._loading[digest] = future
+        reserved = False
+        try:
+            await self._reserve_slot()
+            reserved = True
+            if (unloading := self._unloading.get(digest)) is not None:
+                await unloading  # its unload must land before our load, or it would undo it
+            start = time.perf_counter()
+            await self._engine.load_adapter(engine_name(digest), self._adapter_path(digest))
+            self._metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+            self._metrics.adapter_loads.labels("ok").inc()
+            self._loaded[digest] = None
+            self._metrics.adapters_loaded.set(len(self._loaded))
+            logger.info("adapter %s loaded (%d/%d)", digest[:12], len(self._loaded), self._capacity)
+            future.set_result(None)
+        except BaseException as e:
+            self._metrics.adapter_loads.labels("error").inc()
+            future.set_exception(e)
+            raise
+        finally:
+            if reserved:
+                self._reserved -= 1
+            del self._loading[digest]
+
+    async def _reserve_slot(self) -> None:
+        deadline = time.monotonic() + self._wait_for_slot_s
+        async with self._slots:
+            while len(self._loaded) + self._reserved >= self._capacity:
+                victim = next((d for d in self._loaded if not self._in_flight[d]), None)
+                if victim is not None:
+                    self._evict(victim)
+                    continue
+                # Every loaded adapter is busy: wait for one to go idle, not forever.
+                self._became_idle.clear()
+                remaining = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._became_idle.wait(), max(remaining, 0))
+                except TimeoutError:
+                    raise EngineUnavailableError(
+                        "every adapter slot on the engine is busy", retry_after_s=2
+                    ) from None
+            self._reserved += 1
+
+    def _evict(self, digest: str) -> None:
+        # Out of `_loaded` before the unload is even sent: a request arriving meanwhile loads
+        # it afresh (after this unload lands) instead of using an adapter being removed.
+        del self._loaded[digest]
+        self._metrics.adapters_loaded.set(len(self._loaded))
+        task = asyncio.create_task(self._unload(digest), name=f"unload-{digest[:12]}")
+        self._unloading[digest] = task
+
+    async def _unload(self, digest: str) -> None:
+        try:
+            await self._engine.unload_adapter(engine_name(digest))
+            self._metrics.adapter_unloads.labels("ok").inc()
+            logger.info("adapter %s unloaded", digest[:12])
+        except LoragateError as e:
+            # The engine may have lost it already (restart); its slot is free either way.
+            self._metrics.adapter_unloads.labels("error").inc()
+            logger.warning("unloading adapter %s failed: %s", digest[:12], e.message)
+        finally:
+            self._unloading.pop(digest, None)
+
+    async def aclose(self) -> None:
+        for task in list(self._unloading.values()):
+            task.cancel()

@@ -1,0 +1,47 @@
+"""Bounds on what one request may ask for: sampling counts, output length, prompt length
+against the model's context. Raises 400s that name the offending field."""
+
+from __future__ import annotations
+
+from server.errors import ContextLengthError, InvalidRequestError
+from server.protocol import ChatCompletionRequest, GenerationRequest
+from server.settings import Settings
+from server.token_count import TokenCounter
+
+
+class RequestBounds:
+    def __init__(self, settings: Settings, token_counter: TokenCounter) -> None:
+        self._limits = settings.limits
+        self._context = settings.model.max_model_len
+        self._tokens = token_counter
+
+    async def check(self, request: GenerationRequest) -> int:
+        """Refuse what the limits do not allow; return the max_tokens to send."""
+        limits = self._limits
+        is_chat = isinstance(request, ChatCompletionRequest)
+        if (request.n or 1) > limits.max_n:
+            raise InvalidRequestError(f"n must be at most {limits.max_n}", param="n")
+        if len(request.stop_list()) > limits.max_stop:
+            raise InvalidRequestError(f"at most {limits.max_stop} stop sequences", param="stop")
+        if (
+            isinstance(request, ChatCompletionRequest)
+            and len(request.messages) > limits.max_messages
+        ):
+            raise InvalidRequestError(f"at most {limits.max_messages} messages", param="messages")
+        param = "max_tokens"
+        if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens:
+            param = "max_completion_tokens"
+        requested = request.requested_max_tokens()
+        if requested is not None and requested > limits.max_tokens:
+            raise InvalidRequestError(f"{param} must be at most {limits.max_tokens}", param=param)
+        max_tokens = requested or limits.default_max_tokens
+        counts = await self._tokens.count(request.prompt_texts())
+        # Chat messages form one prompt; a list of completion prompts is a batch of prompts.
+        prompt_tokens = (sum(counts) if is_chat else max(counts)) if counts else None
+        if prompt_tokens is not None and prompt_tokens + max_tokens > self._context:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self._context} tokens; the prompt "
+                f"has {prompt_tokens} and {max_tokens} more were asked for.",
+                param="messages" if is_chat else "prompt",
+            )
+        return max_tokens

@@ -1,0 +1,69 @@
+"""Operator routes for tenant adapters: parse, authorize (admin key), call the admin service,
+render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from adapters.errors import AdapterRejectedError
+from adapters.registry import PutResult
+from server.adapter_admin import UploadedFile
+from server.deps import AdminDep, ServicesDep
+
+router = APIRouter(prefix="/admin/v1/tenants/{tenant}/adapters")
+
+FILE_FIELDS = ("adapter_config", "adapter_model")
+MAX_FORM_FIELDS = 4
+
+
+@router.put("/{name}")
+async def put_adapter(
+    tenant: str, name: str, request: Request, _: AdminDep, services: ServicesDep,
+    replace: bool = False,
+) -> JSONResponse:  # fmt: skip
+    async with request.form(max_files=len(FILE_FIELDS), max_fields=MAX_FORM_FIELDS) as form:
+        unexpected = sorted(set(form.keys()) - set(FILE_FIELDS))
+        if unexpected:
+            raise AdapterRejectedError(
+                f"unexpected form field {unexpected[0]!r}: send exactly adapter_config and "
+                "adapter_model (safetensors only; pickled weights are refused)",
+                code="unexpected_field",
+                param=unexpected[0],
+            )
+        files = [_file(form.get(field), field) for field in FILE_FIELDS]
+        result, record = await services.admin.upload(
+            tenant, name, files[0], files[1], replace=replace
+        )
+    status = 200 if result is PutResult.UNCHANGED else 201
+    headers = {"x-loragate-result": result.name.lower()}
+    return JSONResponse(record.to_json(), status_code=status, headers=headers)
+
+
+def _file(value: Any, field: str) -> UploadedFile:
+    if not isinstance(value, UploadFile):
+        raise AdapterRejectedError(
+            f"missing file field {field!r}", code="missing_file", param=field
+        )
+    return UploadedFile(field, value.filename, value.file)
+
+
+@router.get("")
+async def list_adapters(tenant: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
+    records = await services.admin.list(tenant)
+    return {"object": "list", "data": [r.to_json() for r in records]}
+
+
+@router.get("/{name}")
+async def get_adapter(tenant: str, name: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
+    return (await services.admin.get(tenant, name)).to_json()
+
+
+@router.delete("/{name}")
+async def delete_adapter(
+    tenant: str, name: str, _: AdminDep, services: ServicesDep
+) -> dict[str, Any]:
+    return (await services.admin.delete(tenant, name)).to_json()
