@@ -9,7 +9,7 @@ import yaml
 from server.tenants import hash_api_key
 
 ADMIN_KEY = "sk-test-admin"
-TENANT_KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex"}
+TENANT_KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex", "initech": "sk-test-initech"}
 
 
 def write_tenants_file(path: Path) -> Path:

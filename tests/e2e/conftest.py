@@ -22,7 +22,7 @@ import pytest
 
 from server.engine_process import free_loopback_port
 from server.settings import Settings
-from tests.support import TENANT_KEYS, write_tenants_file
+from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
 BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -37,6 +37,10 @@ class ServeProcess:
     descendants: list[psutil.Process] = field(default_factory=list)
 
     @property
+    def store_dir(self) -> Path:
+        return self.log_path.parent / "cache" / "store"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -45,6 +49,25 @@ class ServeProcess:
             base_url=f"{self.url}/v1",
             api_key=TENANT_KEYS[tenant],
             **kwargs,  # type: ignore[arg-type]
+        )
+
+    def admin_put(
+        self, tenant: str, name: str, directory: Path, *, key: str = ADMIN_KEY, **params: str
+    ) -> httpx.Response:
+        """Upload whatever adapter_config.json / adapter_model.* files `directory` holds."""
+        files = {}
+        for field, pattern in (
+            ("adapter_config", "adapter_config*"),
+            ("adapter_model", "adapter_model*"),
+        ):
+            for path in sorted(directory.glob(pattern))[:1]:
+                files[field] = (path.name, path.read_bytes())
+        return httpx.put(
+            f"{self.url}/admin/v1/tenants/{tenant}/adapters/{name}",
+            files=files,
+            params=params,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
         )
 
     def log(self) -> str:
@@ -119,7 +142,8 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """One `loragate serve` with the real vLLM engine for the whole session."""
-    serve = start_serve(tmp_path_factory.mktemp("serve"))
+    # A small adapter cap, so the adapter tests exercise eviction and reload.
+    serve = start_serve(tmp_path_factory.mktemp("serve"), env={"LORAGATE_MAX_LOADED_ADAPTERS": "4"})
     try:
         serve.wait_ready(VLLM_START_TIMEOUT_S)
         yield serve
