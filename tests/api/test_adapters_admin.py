@@ -90,7 +90,7 @@ def test_upload_needs_the_admin_key(gateway: Gateway, adapter_dirs: list[Path]) 
 
 
 def test_unknown_tenant_is_404(gateway: Gateway, adapter_dirs: list[Path]) -> None:
-    assert_envelope(upload(gateway, adapter_dirs[0], tenant="initech"), 404, "tenant")
+    assert_envelope(upload(gateway, adapter_dirs[0], tenant="umbrella"), 404, "tenant")
 
 
 @pytest.mark.parametrize("name", ["Upper", "-dash", "a" * 64, "semi;colon", "..", "a b"])
