@@ -56,12 +56,9 @@ class ServeProcess:
     ) -> httpx.Response:
         """Upload whatever adapter_config.json / adapter_model.* files `directory` holds."""
         files = {}
-        for field, pattern in (
-            ("adapter_config", "adapter_config*"),
-            ("adapter_model", "adapter_model*"),
-        ):
-            for path in sorted(directory.glob(pattern))[:1]:
-                files[field] = (path.name, path.read_bytes())
+        for form_field in ("adapter_config", "adapter_model"):
+            for path in sorted(directory.glob(f"{form_field}*"))[:1]:
+                files[form_field] = (path.name, path.read_bytes())
         return httpx.put(
             f"{self.url}/admin/v1/tenants/{tenant}/adapters/{name}",
             files=files,
