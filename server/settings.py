@@ -37,6 +37,10 @@ class EngineSettings(BaseModel):
     dtype: str = "float32"  # ~4x faster than bf16 on CPUs without AVX512-BF16
     # On the CPU build this is the host-memory fraction; vLLM's default is refused on 8 GiB nodes.
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    # KV cache size in GiB (vLLM --kv-cache-memory-bytes); 0 lets vLLM size it from
+    # gpu_memory_utilization (what GPU hosts want). 2 GiB holds ~45k tokens of the default model;
+    # the fraction alone took 8 GiB on a 24 GiB machine, too much for tests that run two engines.
+    kv_cache_gib: float = Field(2, ge=0, le=4096)
     max_lora_rank: int = Field(16, ge=1, le=512)
     max_loras: int = Field(4, ge=1, le=256)  # adapters batched together on the engine
     extra_args: list[str] = Field(default_factory=list)
