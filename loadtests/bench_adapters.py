@@ -88,7 +88,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 METRIC = re.compile(
     r'^loragate_adapter_(loads|unloads)_total\{result="ok"\}\s+(\S+)$', re.MULTILINE
 )
-progress = Console(stderr=True)
+# Not a terminal (a log, a pipe): wide enough that the tables keep whole numbers and headers.
+PIPE_WIDTH = 160
+progress = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -567,7 +569,7 @@ def main(
         max_tokens, prompt_tokens, warmup, max_loaded, repeats, seed,
     )  # fmt: skip
     tag = secrets.token_hex(3)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
     keys = [bench.Target("tenant", url, api_key), bench.Target("admin", url, admin_key)]
     command = bench.redacted_command(keys)
     timestamp = datetime.now(UTC).isoformat(timespec="seconds")
