@@ -32,6 +32,16 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class OpenStream:
+    """An open engine stream: its events, and `close`, which the caller must await however the
+    response ends (even if `events` was never iterated: an unstarted generator's `finally`
+    never runs, and the adapter would stay pinned). Closing twice is harmless."""
+
+    events: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
 class Target:
     """What a request's `model` resolved to."""
 
@@ -92,7 +102,7 @@ class GenerationService:
 
     async def stream(
         self, tenant: Tenant, request: GenerationRequest, started: float
-    ) -> AsyncIterator[bytes]:
+    ) -> OpenStream:
         """Open the engine stream (errors raise here, before any byte is sent) and return the
         events as they arrive; errors after that become an in-band SSE error event."""
         target, kind, body = await self._prepare(tenant, request)
@@ -111,14 +121,22 @@ class GenerationService:
         options = RelayOptions(
             str(body["model"]).encode(), target.public_name.encode(), forward_usage
         )
-        return self._relay(upstream, options, target, lease, route, started)
 
-    async def _relay(
+        async def close() -> None:
+            if lease is not None:
+                lease.release()  # the request is over: the adapter may be unloaded again
+            # Closing the upstream response makes the engine abort the request instead of
+            # generating for nobody.
+            await upstream.aclose()
+
+        events = self._relay(upstream, options, target, route, started)
+        return OpenStream(events, close)
+
+    def _relay(
         self,
         upstream: EngineStream,
         options: RelayOptions,
         target: Target,
-        lease: AdapterLease | None,
         route: str,
         started: float,
     ) -> AsyncIterator[bytes]:
@@ -133,12 +151,7 @@ class GenerationService:
             if isinstance(e, EngineUnavailableError):
                 self._monitor.mark_unreachable()
 
-        try:
-            async for chunk in relay_events(upstream, options, first_event, usage, error):
-                yield chunk
-        finally:
-            if lease is not None:
-                lease.release()  # the request is over: the adapter may be unloaded again
+        return relay_events(upstream, options, first_event, usage, error)
 
     async def _lease(self, target: Target) -> AdapterLease | None:
         if target.adapter is None:

@@ -1,6 +1,7 @@
 """Relay an engine's SSE stream to the client event by event: the engine-side adapter name is
 replaced by the tenant's, the usage event the gateway asked for is read (and dropped unless the
-client asked for it too), and a failure mid-stream becomes an in-band error event."""
+client asked for it too), and a failure mid-stream becomes an in-band error event. Closing the
+upstream is the caller's job (see serving.OpenStream)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,3 @@ async def relay_events(
     except LoragateError as e:
         on_error(e)
         yield sse_error_event(e)
-    finally:
-        # Also runs when the client disconnects: closing the upstream response makes the
-        # engine abort the request instead of generating for nobody.
-        await upstream.aclose()

@@ -10,9 +10,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.deps import ServicesDep, TenantDep, parse_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
+from server.serving import OpenStream
 
 router = APIRouter(prefix="/v1")
 
@@ -47,14 +49,27 @@ async def _generate(
     started: float,
 ) -> Response:
     if body.stream:
-        # A client that goes away mid-stream cancels this generator, which closes the engine
-        # stream (see GenerationService._relay).
         stream = await services.generation.stream(tenant, body, started)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+        return RelayedStreamResponse(stream)
     result = await _unless_disconnected(request, services.generation.generate(tenant, body))
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(result)
+
+
+class RelayedStreamResponse(StreamingResponse):
+    """SSE relayed from the engine; the engine stream is closed however the response ends
+    (finished, client gone, or never started)."""
+
+    def __init__(self, stream: OpenStream) -> None:
+        super().__init__(stream.events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._close = stream.close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
 
 
 async def _unless_disconnected(
