@@ -19,6 +19,8 @@ from adapters.store import LocalAdapterStore
 from adapters.types import BaseModelSpec
 from adapters.validation import ValidationLimits
 from server.adapter_admin import AdapterAdminService
+from server.admission import EngineAdmission
+from server.cache_policy import base_revision
 from server.deps import Services
 from server.engine import Engine
 from server.engine_adapters import EngineAdapters
@@ -31,12 +33,17 @@ from server.engine_process import (
     vllm_argv,
 )
 from server.errors import register_error_handlers
+from server.limit_backends import RedisLimits
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from server.redis_link import RedisLink
 from server.request_bounds import RequestBounds
+from server.result_cache import ResultCache
+from server.result_store import MemoryResultStore, RedisResultStore, ResultStore
 from server.routes import admin_adapters, openai_api, probes
 from server.serving import GenerationService
 from server.settings import Settings
+from server.tenant_limits import TenantLimiter
 from server.tenants import TenantDirectory, TenantsFileError
 from server.token_count import TokenCounter
 from server.vllm_engine import VllmEngine
@@ -88,6 +95,20 @@ def validation_limits(settings: Settings) -> ValidationLimits:
     )
 
 
+def shared_state(
+    settings: Settings, metrics: Metrics
+) -> tuple[RedisLink | None, ResultStore, TenantLimiter]:
+    """The result store and limit counts: in Redis (shared by replicas) when it is configured,
+    else in this process."""
+    slot_ttl_s = settings.engine.request_timeout_s + 60  # a dead replica's slots come back
+    if settings.redis_url is None:
+        store = MemoryResultStore(settings.cache.memory_max_bytes, settings.cache.ttl_s)
+        return None, store, TenantLimiter(None, metrics, slot_ttl_s)
+    link = RedisLink(str(settings.redis_url), settings.redis, metrics)
+    redis_store = RedisResultStore(link, settings.cache.ttl_s, settings.cache.coalesce_wait_s)
+    return link, redis_store, TenantLimiter(RedisLimits(link), metrics, slot_ttl_s)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -103,6 +124,7 @@ def create_app(
         process, the_engine = _make_engine(settings, engine)
         monitor = EngineMonitor(the_engine, settings.engine, metrics, process, on_fatal)
         monitor_task: asyncio.Task[None] | None = None
+        redis_link, result_store, limiter = shared_state(settings, metrics)
         store = LocalAdapterStore(settings.store_path)
         registry = LocalAdapterRegistry(settings.store_path, settings.adapters.max_per_tenant)
         engine_adapters = EngineAdapters(
@@ -120,8 +142,10 @@ def create_app(
             monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
-                settings, the_engine, monitor, metrics, bounds, registry, engine_adapters
-            )
+                settings, the_engine, monitor, metrics, bounds, registry, engine_adapters,
+                ResultCache(result_store, settings.cache, metrics), base_revision(settings),
+                limiter, EngineAdmission(settings.admission, metrics, engine="local"),
+            )  # fmt: skip
             admin = AdapterAdminService(
                 tenants, store, registry, load_base_spec(settings), validation_limits(settings),
                 settings.store_path / "uploads", engine_adapters, metrics,
@@ -136,6 +160,8 @@ def create_app(
                     await monitor_task
             if engine is None:
                 await the_engine.aclose()
+            if redis_link is not None:
+                await redis_link.aclose()
             if process is not None:
                 await process.stop()
 

@@ -8,8 +8,10 @@
     ├── NotFoundError             (404 not_found_error)
     ├── PayloadTooLargeError      (413 invalid_request_error)
     ├── ConflictError             (409 conflict_error)
+    ├── RateLimitError            (429 rate_limit_exceeded, with Retry-After: the tenant's quota)
     ├── EngineError               (502 api_error: the engine answered, but not sensibly)
     └── EngineUnavailableError    (503 service_unavailable, with Retry-After)
+        └── ServerOverloadedError (503, code server_overloaded: the engine's queue is full)
 
 Services raise these (and `adapters.errors` types, mapped in `_ADAPTER_ERRORS`);
 `register_error_handlers` renders them, framework errors included, so no route ever builds an
@@ -107,6 +109,17 @@ class ConflictError(LoragateError):
     default_code = "adapter_conflict"
 
 
+class RateLimitError(LoragateError):
+    """The tenant is over one of its limits; `code` names which."""
+
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message, code=limit, retry_after_s=max(1, retry_after_s))
+        self.limit = limit
+
+
 class EngineError(LoragateError):
     status_code = 502
     error_type = "api_error"
@@ -119,6 +132,16 @@ class EngineUnavailableError(LoragateError):
     default_code = "engine_unavailable"
 
     def __init__(self, message: str = "the engine is not ready", retry_after_s: int = 5) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class ServerOverloadedError(EngineUnavailableError):
+    """The server is full (every tenant is turned away), as opposed to 429 (one tenant is over
+    its quota)."""
+
+    default_code = "server_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
 
 

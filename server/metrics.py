@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Cache and Redis calls: sub-millisecond when healthy, bounded by the Redis timeout when not.
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -109,5 +112,67 @@ class Metrics:
         self.engine_restarts = Counter(
             "loragate_engine_restarts_total",
             "Local engine processes restarted after dying.",
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "loragate_cache_requests_total",
+            "Result cache lookups by result: hit, miss, bypass (not cacheable or opted out), "
+            "error (the cache could not answer; served uncached).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_seconds = Histogram(
+            "loragate_cache_seconds",
+            "Result cache operation latency, by operation (get, put).",
+            ["op"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.cache_coalesced = Counter(
+            "loragate_cache_coalesced_total",
+            "Requests answered by an identical request's engine call instead of their own, "
+            "by where that call ran (local: this replica, remote: another replica).",
+            ["scope"],
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "loragate_redis_up",
+            "1 while Redis answers (or none is configured), 0 while the gateway serves without it.",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "loragate_redis_errors_total",
+            "Redis calls that failed or timed out, by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.limit_rejections = Counter(
+            "loragate_limit_rejections_total",
+            "Requests refused with 429 by tenant limit (requests_per_minute, tokens_per_minute, "
+            "max_concurrent).",
+            ["limit"],
+            registry=r,
+        )
+        self.limit_fallbacks = Counter(
+            "loragate_limit_local_fallbacks_total",
+            "Limit checks made by this replica alone because Redis was unavailable.",
+            registry=r,
+        )
+        self.engine_queue_depth = Gauge(
+            "loragate_engine_queue_depth",
+            "Requests waiting in the gateway for a slot on the engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_running = Gauge(
+            "loragate_engine_requests_running",
+            "Requests sent to the engine and not finished yet.",
+            ["engine"],
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "loragate_admission_rejections_total",
+            "Requests refused with 503 because the engine's queue was full or the wait too long.",
+            ["engine", "reason"],
             registry=r,
         )

@@ -3,10 +3,23 @@ against the model's context. Raises 400s that name the offending field."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from server.errors import ContextLengthError, InvalidRequestError
 from server.protocol import ChatCompletionRequest, GenerationRequest
 from server.settings import Settings
 from server.token_count import TokenCounter
+
+# Without a tokenizer, prompt tokens are estimated (for tenant token limits) at this many
+# characters per token: English text averages about four.
+CHARS_PER_TOKEN_ESTIMATE = 4
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    max_tokens: int  # what the engine is asked for, per choice
+    prompt_tokens: int  # counted, or estimated without a tokenizer
+    most_tokens: int  # the most the request can cost: prompts + every choice's max_tokens
 
 
 class RequestBounds:
@@ -15,8 +28,9 @@ class RequestBounds:
         self._context = settings.model.max_model_len
         self._tokens = token_counter
 
-    async def check(self, request: GenerationRequest) -> int:
-        """Refuse what the limits do not allow; return the max_tokens to send."""
+    async def check(self, request: GenerationRequest) -> RequestBudget:
+        """Refuse what the limits do not allow; return the max_tokens to send and what the
+        request may cost."""
         limits = self._limits
         is_chat = isinstance(request, ChatCompletionRequest)
         if (request.n or 1) > limits.max_n:
@@ -35,7 +49,8 @@ class RequestBounds:
         if requested is not None and requested > limits.max_tokens:
             raise InvalidRequestError(f"{param} must be at most {limits.max_tokens}", param=param)
         max_tokens = requested or limits.default_max_tokens
-        counts = await self._tokens.count(request.prompt_texts())
+        texts = request.prompt_texts()
+        counts = await self._tokens.count(texts)
         # Chat messages form one prompt; a list of completion prompts is a batch of prompts.
         prompt_tokens = (sum(counts) if is_chat else max(counts)) if counts else None
         if prompt_tokens is not None and prompt_tokens + max_tokens > self._context:
@@ -44,4 +59,8 @@ class RequestBounds:
                 f"has {prompt_tokens} and {max_tokens} more were asked for.",
                 param="messages" if is_chat else "prompt",
             )
-        return max_tokens
+        if counts is None:
+            counts = [len(t) // CHARS_PER_TOKEN_ESTIMATE + 1 for t in texts]
+        choices = (request.n or 1) * (1 if is_chat else len(texts))
+        prompt_total = sum(counts)
+        return RequestBudget(max_tokens, prompt_total, prompt_total + choices * max_tokens)

@@ -1,18 +1,27 @@
 """The generation service: resolves a tenant's `model` (the base model or one of its adapters),
-checks the request's bounds, pins the adapter on the engine, and hands back the result or an SSE
-byte stream. No FastAPI in here.
+checks the request's bounds and the tenant's request rate, answers from the result cache when it
+can, and otherwise takes the tenant's token and concurrency quota, a turn on the engine and a pin
+on the adapter, and hands back the result or an SSE byte stream. No FastAPI in here.
+
+Everything a request holds is entered on one AsyncExitStack, released in reverse order however
+the request ends; a stream takes the stack with it and releases it when the response closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 
 from adapters.registry import AdapterRegistry
 from adapters.types import ADAPTER_NAME, AdapterRecord
+from server.admission import EngineAdmission
+from server.cache_policy import CacheDirectives, CachePlan, CacheStatus, cache_key, is_reproducible
 from server.engine import Engine, EngineStream, GenerationKind
 from server.engine_adapters import AdapterLease, EngineAdapters
 from server.engine_monitor import EngineMonitor
@@ -23,9 +32,12 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, GenerationRequest, ModelCard, ModelList
-from server.request_bounds import RequestBounds
+from server.request_bounds import RequestBounds, RequestBudget
+from server.result_cache import ResultCache
 from server.settings import Settings
 from server.sse_relay import RelayOptions, relay_events
+from server.stream_capture import StreamCapture, replay_events
+from server.tenant_limits import TenantLimiter, TokenReservation, engine_refused
 from server.tenants import Tenant
 
 T = TypeVar("T")
@@ -39,6 +51,15 @@ class OpenStream:
 
     events: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
+    cache: CacheStatus = "bypass"
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A non-streamed result, serialized: a cache hit returns these very bytes again."""
+
+    content: bytes
+    cache: CacheStatus
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,21 @@ class Target:
     public_name: str
     metrics_label: str  # base model name or "<tenant>/<adapter>": from the registry only
     adapter: AdapterRecord | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request resolved and bounded: what goes to the engine, and what it may cost."""
+
+    target: Target
+    kind: GenerationKind
+    body: dict[str, Any]
+    budget: RequestBudget
+
+
+def dump_json(obj: Any) -> bytes:
+    # The same compact form as FastAPI's JSONResponse.
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class GenerationService:
@@ -60,6 +96,10 @@ class GenerationService:
         bounds: RequestBounds,
         registry: AdapterRegistry,
         adapters: EngineAdapters,
+        cache: ResultCache,
+        base_revision: str,
+        limiter: TenantLimiter,
+        admission: EngineAdmission,
     ) -> None:
         self._base = settings.model
         self._engine = engine
@@ -68,6 +108,11 @@ class GenerationService:
         self._bounds = bounds
         self._registry = registry
         self._adapters = adapters
+        self._cache = cache
+        self._cache_enabled = settings.cache.enabled
+        self._base_revision = base_revision
+        self._limiter = limiter
+        self._admission = admission
         self._created = int(time.time())
 
     async def list_models(self, tenant: Tenant) -> ModelList:
@@ -86,72 +131,130 @@ class GenerationService:
         ]
         return ModelList(data=[base, *cards])
 
-    async def generate(self, tenant: Tenant, request: GenerationRequest) -> dict[str, Any]:
-        target, kind, body = await self._prepare(tenant, request)
-        lease = await self._lease(target)
-        try:
+    async def generate(
+        self, tenant: Tenant, request: GenerationRequest, directives: CacheDirectives
+    ) -> Generated:
+        job = await self._prepare(tenant, request)
+        async with AsyncExitStack() as stack:
+            plan = self._plan(job, tenant, directives)
+            lookup = await stack.enter_async_context(self._cache.lookup(plan))
+            if lookup.value is not None:
+                return Generated(lookup.value, "hit")
+            reservation, lease = await self._engine_turn(stack, tenant, job)
             result = await self._on_engine(
-                target, lease, body, lambda: self._engine.generate(kind, body)
+                job.target, lease, job.body, lambda: self._engine.generate(job.kind, job.body)
             )
-        finally:
-            if lease is not None:
-                lease.release()
-        result["model"] = target.public_name
-        self._count(target, result.get("usage"))
-        return result
+            result["model"] = job.target.public_name
+            usage = result.get("usage")
+            self._count(job.target, usage)
+            if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+                reservation.record_usage(usage["total_tokens"])
+            content = dump_json(result)
+            await lookup.store(content)
+            return Generated(content, lookup.status)
 
     async def stream(
-        self, tenant: Tenant, request: GenerationRequest, started: float
+        self,
+        tenant: Tenant,
+        request: GenerationRequest,
+        started: float,
+        directives: CacheDirectives,
     ) -> OpenStream:
         """Open the engine stream (errors raise here, before any byte is sent) and return the
         events as they arrive; errors after that become an in-band SSE error event."""
-        target, kind, body = await self._prepare(tenant, request)
+        job = await self._prepare(tenant, request)
+        body, chat = job.body, job.kind == "chat"
         forward_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        lease = await self._lease(target)
-        try:
+        async with AsyncExitStack() as stack:
+            plan = self._plan(job, tenant, directives)
+            lookup = await stack.enter_async_context(self._cache.lookup(plan))
+            if lookup.value is not None:
+                replayed = _iterate(replay_events(lookup.value, chat, forward_usage))
+                return OpenStream(replayed, stack.pop_all().aclose, "hit")
+            reservation, lease = await self._engine_turn(stack, tenant, job)
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             upstream = await self._on_engine(
-                target, lease, body, lambda: self._engine.open_stream(kind, body)
+                job.target, lease, body, lambda: self._engine.open_stream(job.kind, body)
             )
-        except BaseException:
-            if lease is not None:
-                lease.release()
-            raise
-        route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        options = RelayOptions(
-            str(body["model"]).encode(), target.public_name.encode(), forward_usage
-        )
-
-        async def close() -> None:
-            if lease is not None:
-                lease.release()  # the request is over: the adapter may be unloaded again
             # Closing the upstream response makes the engine abort the request instead of
             # generating for nobody.
-            await upstream.aclose()
+            stack.push_async_callback(upstream.aclose)
+            capture = StreamCapture(chat) if plan.key is not None else None
+            if capture is not None:
 
-        events = self._relay(upstream, options, target, route, started)
-        return OpenStream(events, close)
+                async def store_captured() -> None:
+                    if (result := capture.result()) is not None:
+                        await lookup.store(result)
+
+                stack.push_async_callback(store_captured)
+            route = "/v1/chat/completions" if chat else "/v1/completions"
+            options = RelayOptions(
+                str(body["model"]).encode(), job.target.public_name.encode(), forward_usage
+            )
+            events = self._relay(upstream, options, job, route, started, reservation, capture)
+            return OpenStream(events, stack.pop_all().aclose, lookup.status)
+        raise AssertionError("unreachable")  # for type checkers: the block always returns
+
+    def _plan(self, job: Job, tenant: Tenant, directives: CacheDirectives) -> CachePlan:
+        if not self._cache_enabled or not is_reproducible(job.body):
+            return CachePlan.bypass()
+        adapter = job.target.adapter
+        key = cache_key(
+            tenant=tenant.name,
+            base_revision=self._base_revision,
+            adapter_digest=adapter.digest if adapter is not None else None,
+            public_model=job.target.public_name,
+            endpoint=job.kind,
+            body=job.body,
+        )
+        return CachePlan(key, read=not directives.no_cache, write=not directives.no_store)
+
+    async def _engine_turn(
+        self, stack: AsyncExitStack, tenant: Tenant, job: Job
+    ) -> tuple[TokenReservation, AdapterLease | None]:
+        """Take what an engine request holds, each released on `stack`: the tenant's token and
+        concurrency quota (429), a turn on the engine (503), a pin on the adapter."""
+        if not self._monitor.ready:
+            raise EngineUnavailableError()
+        reservation = await self._limiter.reserve(tenant, job.budget.most_tokens)
+
+        async def settle(
+            _: type[BaseException] | None, exc: BaseException | None, __: TracebackType | None
+        ) -> bool:
+            await reservation.close(engine_refused=engine_refused(exc))
+            return False
+
+        stack.push_async_exit(settle)
+        stack.callback(await self._admission.acquire())
+        lease = await self._lease(job.target)
+        if lease is not None:
+            stack.callback(lease.release)  # the request is over: the adapter may be unloaded
+        return reservation, lease
 
     def _relay(
         self,
         upstream: EngineStream,
         options: RelayOptions,
-        target: Target,
+        job: Job,
         route: str,
         started: float,
+        reservation: TokenReservation,
+        capture: StreamCapture | None,
     ) -> AsyncIterator[bytes]:
         def first_event() -> None:
             elapsed = time.perf_counter() - started
             self._metrics.time_to_first_token.labels(route).observe(elapsed)
 
         def usage(prompt: int, completion: int) -> None:
-            self._count(target, {"prompt_tokens": prompt, "completion_tokens": completion})
+            self._count(job.target, {"prompt_tokens": prompt, "completion_tokens": completion})
+            reservation.record_usage(prompt + completion)
 
         def error(e: LoragateError) -> None:
             if isinstance(e, EngineUnavailableError):
                 self._monitor.mark_unreachable()
 
-        return relay_events(upstream, options, first_event, usage, error)
+        on_event = capture.feed if capture is not None else None
+        return relay_events(upstream, options, first_event, usage, error, on_event)
 
     async def _lease(self, target: Target) -> AdapterLease | None:
         if target.adapter is None:
@@ -206,17 +309,19 @@ class GenerationService:
             )
         return Target(model, f"{tenant.name}/{model}", record)
 
-    async def _prepare(
-        self, tenant: Tenant, request: GenerationRequest
-    ) -> tuple[Target, GenerationKind, dict[str, Any]]:
+    async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
         target = await self._resolve(tenant, request.model)
-        max_tokens = await self._bounds.check(request)
-        if not self._monitor.ready:
-            raise EngineUnavailableError()
+        budget = await self._bounds.check(request)
+        await self._limiter.check_request(tenant)  # every request, cache hits included
         body = request.engine_body()
         body.pop("max_completion_tokens", None)
-        body["max_tokens"] = max_tokens
+        body["max_tokens"] = budget.max_tokens
         kind: GenerationKind = (
             "chat" if isinstance(request, ChatCompletionRequest) else "completions"
         )
-        return target, kind, body
+        return Job(target, kind, body, budget)
+
+
+async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, HttpUrl, model_validator
+from pydantic import BaseModel, Field, HttpUrl, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.model_prepare import DEFAULT_MODEL_NAME
@@ -24,6 +24,9 @@ class ModelSettings(BaseModel):
     # Defaults to <cache_dir>/models/<name>, built by `loragate model prepare`.
     path: Path | None = None
     max_model_len: int = Field(2048, ge=64, le=1_048_576)
+    # Names the weights in result-cache keys; defaults to the digest in the manifest that
+    # `loragate model prepare` writes. Set it when serving weights loragate did not build.
+    revision: str | None = Field(None, min_length=1, max_length=128)
 
 
 class EngineSettings(BaseModel):
@@ -81,6 +84,35 @@ class LimitSettings(BaseModel):
         return self
 
 
+class CacheSettings(BaseModel):
+    """The result cache: Redis when `redis_url` is set, else an in-process LRU."""
+
+    enabled: bool = True
+    ttl_s: int = Field(3600, ge=1, le=30 * 86400)
+    max_entry_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)  # larger results are not stored
+    memory_max_bytes: int = Field(64 << 20, ge=1 << 20, le=64 << 30)  # the in-process LRU
+    # How long an identical request waits for the one in flight before calling the engine itself.
+    coalesce_wait_s: float = Field(120, gt=0, le=3600)
+
+
+class RedisSettings(BaseModel):
+    # Every Redis call gets this long; past it the request goes on without Redis. Redis answers
+    # in well under a millisecond on a healthy network.
+    timeout_s: float = Field(0.1, gt=0, le=10)
+    # After a failure, Redis is left alone this long (requests go on without it), then tried again.
+    retry_after_s: float = Field(2, gt=0, le=300)
+    key_prefix: str = Field("loragate", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class AdmissionSettings(BaseModel):
+    """A bound on the work each engine holds: `max_running` requests sent to it at once, and
+    `max_queued` more waiting in the gateway; beyond that, 503 with Retry-After."""
+
+    max_running: int = Field(64, ge=1, le=100_000)
+    max_queued: int = Field(256, ge=0, le=1_000_000)
+    queue_timeout_s: float = Field(30, gt=0, le=3600)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAGATE_", env_nested_delimiter="__", extra="forbid"
@@ -96,12 +128,17 @@ class Settings(BaseSettings):
     # idle one is unloaded to make room.
     max_loaded_adapters: int = Field(8, ge=1, le=1024)
     tenants_file: Path | None = None
+    # Shared cache, coalescing and tenant limits across gateway replicas; unset: in-process only.
+    redis_url: RedisDsn | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
 
     @property
     def model_path(self) -> Path:

@@ -41,7 +41,9 @@ async def relay_events(
     on_first_event: Callable[[], None],
     on_usage: Callable[[int, int], None],
     on_error: Callable[[LoragateError], None],
+    on_event: Callable[[bytes], None] | None = None,
 ) -> AsyncIterator[bytes]:
+    """`on_event` sees every event as the client would (usage included), without the blank line."""
     # The engine-side name ("lg-" + a digest) appears nowhere but as the model's value.
     old = b'"' + options.engine_model + b'"'
     new = b'"' + options.public_model + b'"'
@@ -55,18 +57,24 @@ async def relay_events(
             *events, buffer = buffer.split(EVENT_END)
             out = []
             for event in events:
+                event = event.replace(old, new)
+                if on_event is not None:
+                    on_event(event)
                 if _is_usage_event(event) and (usage := _usage_of(event)) is not None:
                     on_usage(*usage)
                     if not options.forward_usage:
                         continue
-                out.append(event.replace(old, new) + EVENT_END)
+                out.append(event + EVENT_END)
             if out:
                 if first:
                     on_first_event()
                     first = False
                 yield b"".join(out)
         if buffer.strip():
-            yield buffer.replace(old, new)
+            rest = buffer.replace(old, new)
+            if on_event is not None:
+                on_event(rest)
+            yield rest
     except LoragateError as e:
         on_error(e)
         yield sse_error_event(e)

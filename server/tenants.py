@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -47,8 +47,21 @@ class _KeyHolder(BaseModel):
         return digests
 
 
+class TenantLimits(BaseModel):
+    """A tenant's quotas, each optional (unset: unlimited). Tokens are prompt tokens plus the
+    request's max_tokens, reserved up front; what the engine did not use is given back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10_000_000)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10_000_000_000)
+    max_concurrent: int | None = Field(None, ge=1, le=1_000_000)
+
+
 class TenantEntry(_KeyHolder):
-    """One tenant's block; later issues add `adapters` and `limits` beside the keys."""
+    """One tenant's block: its keys and limits (a later issue adds `adapters`)."""
+
+    limits: TenantLimits = Field(default_factory=TenantLimits)
 
 
 class TenantsFile(BaseModel):
@@ -71,6 +84,7 @@ class TenantsFile(BaseModel):
 @dataclass(frozen=True)
 class Tenant:
     name: str
+    limits: TenantLimits = field(default_factory=TenantLimits)
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class Principal:
 class TenantDirectory:
     def __init__(self, config: TenantsFile) -> None:
         self.is_dev = config.dev
-        self._tenants = {name: Tenant(name) for name in config.tenants}
+        self._tenants = {name: Tenant(name, entry.limits) for name, entry in config.tenants.items()}
         entries: list[tuple[bytes, Principal]] = []
         if config.admin:
             admin = Principal(tenant=None, is_admin=True)

@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.cache_policy import CACHE_HEADER, CacheDirectives
 from server.deps import ServicesDep, TenantDep, parse_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
-from server.serving import OpenStream
+from server.serving import Generated, OpenStream
 
 router = APIRouter(prefix="/v1")
 
@@ -48,13 +48,17 @@ async def _generate(
     body: GenerationRequest,
     started: float,
 ) -> Response:
+    directives = CacheDirectives.from_header(request.headers.get("cache-control"))
+    generation = services.generation
     if body.stream:
-        stream = await services.generation.stream(tenant, body, started)
+        stream = await generation.stream(tenant, body, started, directives)
         return RelayedStreamResponse(stream)
-    result = await _unless_disconnected(request, services.generation.generate(tenant, body))
+    result = await _unless_disconnected(request, generation.generate(tenant, body, directives))
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(result)
+    return Response(
+        result.content, media_type="application/json", headers={CACHE_HEADER: result.cache}
+    )
 
 
 class RelayedStreamResponse(StreamingResponse):
@@ -62,7 +66,8 @@ class RelayedStreamResponse(StreamingResponse):
     (finished, client gone, or never started)."""
 
     def __init__(self, stream: OpenStream) -> None:
-        super().__init__(stream.events, media_type="text/event-stream", headers=SSE_HEADERS)
+        headers = {**SSE_HEADERS, CACHE_HEADER: stream.cache}
+        super().__init__(stream.events, media_type="text/event-stream", headers=headers)
         self._close = stream.close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,9 +77,7 @@ class RelayedStreamResponse(StreamingResponse):
             await self._close()
 
 
-async def _unless_disconnected(
-    request: Request, work: Awaitable[dict[str, Any]]
-) -> dict[str, Any] | None:
+async def _unless_disconnected(request: Request, work: Awaitable[Generated]) -> Generated | None:
     """Run `work`, cancelling it (and so the engine request) if the client disconnects."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_wait_for_disconnect(request))

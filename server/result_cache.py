@@ -1,0 +1,177 @@
+"""The result cache as requests see it: look up, wait for an identical request already in
+flight (coalescing), or lead: compute, store, and hand the result to those waiting.
+
+Coalescing works at two levels. In this process, followers await the leader's future. Across
+replicas (Redis), the leader claims the key in Redis and the other replicas' leaders poll until
+the value appears or the claim goes. A follower whose leader fails or is cancelled goes on and
+computes the result itself; a follower never waits longer than `coalesce_wait_s`.
+
+A cache failure never fails a request: it is counted (`error`) and the request is served uncached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.cache_policy import CachePlan, CacheStatus
+from server.metrics import Metrics
+from server.redis_link import RedisUnavailableError
+from server.result_store import ResultStore
+from server.settings import CacheSettings
+
+logger = logging.getLogger(__name__)
+
+POLL_FIRST_S = 0.01
+POLL_MAX_S = 0.1
+
+
+@dataclass
+class Lookup:
+    """The outcome of a lookup: `value` to answer with (a hit), or the caller computes the result
+    and passes it to `store` (a miss or bypass)."""
+
+    status: CacheStatus
+    value: bytes | None = None
+    _cache: ResultCache | None = field(default=None, repr=False)
+    _key: str | None = None
+    _write: bool = False
+    stored: bytes | None = field(default=None, repr=False)  # what followers are handed
+
+    async def store(self, value: bytes) -> None:
+        if self._cache is None or self._key is None:
+            return
+        self.stored = value
+        if self._write:
+            await self._cache.put(self._key, value)
+
+
+@dataclass
+class _Flight:
+    key: str
+    future: asyncio.Future[bytes | None]
+    claimed: bool = False
+
+
+class ResultCache:
+    def __init__(self, store: ResultStore, settings: CacheSettings, metrics: Metrics) -> None:
+        self._store = store
+        self._max_entry_bytes = settings.max_entry_bytes
+        self._wait_s = settings.coalesce_wait_s
+        self._metrics = metrics
+        self._flights: dict[str, asyncio.Future[bytes | None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    @contextlib.asynccontextmanager
+    async def lookup(self, plan: CachePlan) -> AsyncIterator[Lookup]:
+        key = plan.key
+        if key is None or not plan.read:
+            self._count("bypass")
+            yield Lookup("bypass", None, self, key, plan.write)
+            return
+        value, failed = await self._get(key)
+        if value is not None:
+            self._count("hit")
+            yield Lookup("hit", value)
+            return
+        value, flight = await self._join(key)
+        if value is not None:
+            self._count("hit")
+            yield Lookup("hit", value)
+            return
+        self._count("error" if failed else "miss")
+        lookup = Lookup("bypass" if failed else "miss", None, self, key, plan.write)
+        try:
+            yield lookup
+        finally:
+            if flight is not None:
+                await self._land(flight, lookup.stored)
+
+    async def put(self, key: str, value: bytes) -> None:
+        if len(value) > self._max_entry_bytes:
+            return
+        started = time.perf_counter()
+        try:
+            await self._store.put(key, value)
+        except RedisUnavailableError:
+            return  # counted by the Redis link; the result was served all the same
+        self._metrics.cache_seconds.labels("put").observe(time.perf_counter() - started)
+
+    async def _get(self, key: str) -> tuple[bytes | None, bool]:
+        started = time.perf_counter()
+        try:
+            value = await self._store.get(key)
+        except RedisUnavailableError:
+            return None, True
+        self._metrics.cache_seconds.labels("get").observe(time.perf_counter() - started)
+        return value, False
+
+    async def _join(self, key: str) -> tuple[bytes | None, _Flight | None]:
+        """Wait for an identical request in flight, or lead one. Returns (value, None) when
+        another request computed it, (None, flight) when the caller leads, (None, None) when
+        the caller should compute on its own."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s
+        while (leader := self._flights.get(key)) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    value = await asyncio.shield(leader)
+            except TimeoutError:
+                return None, None
+            if value is not None:
+                self._metrics.cache_coalesced.labels("local").inc()
+                return value, None
+            # The leader failed or was cancelled: try to lead.
+        flight = _Flight(key, loop.create_future())
+        self._flights[key] = flight.future
+        try:
+            try:
+                flight.claimed = await self._store.claim(key)
+            except RedisUnavailableError:
+                return None, flight  # lead within this process only
+            if not flight.claimed:
+                value = await self._wait_remote(key, deadline)
+                if value is not None:
+                    self._metrics.cache_coalesced.labels("remote").inc()
+                    await self._land(flight, value)
+                    return value, None
+            return None, flight
+        except BaseException:
+            await self._land(flight, None)
+            raise
+
+    async def _wait_remote(self, key: str, deadline: float) -> bytes | None:
+        """Another replica computes `key`: wait for its value, until its claim goes."""
+        loop = asyncio.get_running_loop()
+        delay = POLL_FIRST_S
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                value, claimed = await self._store.poll(key)
+            except RedisUnavailableError:
+                return None
+            if value is not None or not claimed:
+                return value
+            delay = min(delay * 2, POLL_MAX_S)
+        return None
+
+    async def _land(self, flight: _Flight, value: bytes | None) -> None:
+        # Followers first (no await before this), so a cancelled leader never strands them.
+        if not flight.future.done():
+            flight.future.set_result(value)
+        if self._flights.get(flight.key) is flight.future:
+            del self._flights[flight.key]
+        if flight.claimed:
+            flight.claimed = False
+            with contextlib.suppress(RedisUnavailableError):
+                await self._store.unclaim(flight.key)
+
+    def _count(self, result: str) -> None:
+        self._metrics.cache_requests.labels(result).inc()

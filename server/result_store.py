@@ -1,0 +1,137 @@
+"""Where cached results live: a bounded in-process LRU (the embedded default) or Redis (shared by
+every gateway replica). Values are opaque bytes that expire after the TTL.
+
+Claims let replicas coalesce: the first replica to claim a key computes it, the others wait for
+the value to appear or the claim to go. In-process there is no one else to coordinate with, so a
+claim always succeeds (coalescing within the process is `result_cache`'s job).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from server.redis_link import RedisLink
+
+
+class ResultStore(Protocol):
+    """Raises RedisUnavailableError (Redis store) when it cannot answer."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+    async def claim(self, key: str) -> bool:
+        """True: the caller computes `key` and must `unclaim` it after storing the value."""
+        ...
+
+    async def unclaim(self, key: str) -> None: ...
+
+    async def poll(self, key: str) -> tuple[bytes | None, bool]:
+        """The value if it is there yet, and whether another replica still claims the key."""
+        ...
+
+
+class MemoryResultStore:
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # LRU order
+        self._bytes = 0
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires <= time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    async def put(self, key: str, value: bytes) -> None:
+        if len(value) > self._max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (time.monotonic() + self._ttl_s, value)
+        self._bytes += len(value)
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        _, value = self._entries.pop(key)
+        self._bytes -= len(value)
+
+    async def claim(self, key: str) -> bool:
+        return True
+
+    async def unclaim(self, key: str) -> None:
+        return None
+
+    async def poll(self, key: str) -> tuple[bytes | None, bool]:
+        return await self.get(key), False
+
+
+# Delete the claim only if it is still ours: it may have expired and been taken by another.
+_UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisResultStore:
+    def __init__(self, link: RedisLink, ttl_s: int, claim_ttl_s: float) -> None:
+        self._link = link
+        self._ttl_s = ttl_s
+        self._claim_ttl_ms = max(1, int(claim_ttl_s * 1000))
+        self._owner = uuid.uuid4().hex  # this replica, as the value of its claims
+        self._unclaim = link.client.register_script(_UNCLAIM)
+
+    def _value_key(self, key: str) -> str:
+        return self._link.key("cache", key)
+
+    def _claim_key(self, key: str) -> str:
+        return self._link.key("claim", key)
+
+    async def get(self, key: str) -> bytes | None:
+        async def get(client: Redis) -> bytes | None:
+            value = await client.get(self._value_key(key))
+            return value.encode() if isinstance(value, str) else value
+
+        return await self._link.call("cache_get", get)
+
+    async def put(self, key: str, value: bytes) -> None:
+        async def put(client: Redis) -> None:
+            await client.set(self._value_key(key), value, ex=self._ttl_s)
+
+        await self._link.call("cache_put", put)
+
+    async def claim(self, key: str) -> bool:
+        async def claim(client: Redis) -> bool:
+            return bool(
+                await client.set(self._claim_key(key), self._owner, nx=True, px=self._claim_ttl_ms)
+            )
+
+        return await self._link.call("cache_claim", claim)
+
+    async def unclaim(self, key: str) -> None:
+        await self._link.call(
+            "cache_unclaim",
+            lambda c: self._unclaim(keys=[self._claim_key(key)], args=[self._owner], client=c),
+        )
+
+    async def poll(self, key: str) -> tuple[bytes | None, bool]:
+        async def poll(client: Redis) -> tuple[bytes | None, bool]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.get(self._value_key(key))
+                pipe.exists(self._claim_key(key))
+                value, claimed = await pipe.execute()
+            return value, bool(claimed)
+
+        return await self._link.call("cache_poll", poll)
