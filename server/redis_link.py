@@ -2,6 +2,9 @@
 failure: every call is bounded by a short timeout, and after a failure Redis is left alone for
 `retry_after_s` (callers go on without it, failing fast) before the next call tries it again. So
 a dead or stalled Redis costs at most one timeout per retry period, and recovery needs no one.
+
+A command's answer is bounded by `timeout_s` (the socket timeout); opening a connection by
+`connect_timeout_s`; the whole call by both together, whatever redis-py does inside.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class RedisUnavailableError(Exception):
 
 class RedisLink:
     def __init__(self, url: str, settings: RedisSettings, metrics: Metrics) -> None:
-        self._timeout_s = settings.timeout_s
+        self._deadline_s = settings.timeout_s + settings.connect_timeout_s
         self._retry_after_s = settings.retry_after_s
         self._prefix = settings.key_prefix
         self._metrics = metrics
@@ -44,7 +47,7 @@ class RedisLink:
             max_connections=MAX_CONNECTIONS,
             timeout=settings.timeout_s,
             socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
         self.client = Redis(connection_pool=pool)
@@ -60,7 +63,7 @@ class RedisLink:
         if time.monotonic() < self._down_until:
             raise RedisUnavailableError("Redis is down; retrying it shortly")
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._deadline_s):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as e:
             self._mark_down(op, e)
@@ -81,6 +84,14 @@ class RedisLink:
                 "Redis %s failed (%r): serving without Redis, retrying in %.1f s",
                 op, error, self._retry_after_s,
             )  # fmt: skip
+
+    async def check(self) -> bool:
+        """Ping Redis once (at start-up: to log its state, and open the first connection)."""
+        try:
+            await self.call("ping", lambda client: client.ping())
+        except RedisUnavailableError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         await self.client.aclose()

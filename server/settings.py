@@ -96,9 +96,12 @@ class CacheSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    # Every Redis call gets this long; past it the request goes on without Redis. Redis answers
-    # in well under a millisecond on a healthy network.
+    # Every Redis command gets this long to answer; past it the request goes on without Redis.
+    # Redis answers in well under a millisecond on a healthy network.
     timeout_s: float = Field(0.1, gt=0, le=10)
+    # Opening a connection gets longer: a burst opens many at once. A dead Redis refuses them
+    # at once; only an unreachable host costs this, once per retry period.
+    connect_timeout_s: float = Field(1, gt=0, le=30)
     # After a failure, Redis is left alone this long (requests go on without it), then tried again.
     retry_after_s: float = Field(2, gt=0, le=300)
     key_prefix: str = Field("loragate", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")

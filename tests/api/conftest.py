@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ class Gateway:
         return int(self.fake.state.stats.generate_calls)
 
 
-def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+def make_settings(
+    tmp_path: Path, limits: dict[str, dict[str, int]] | None = None, **overrides: object
+) -> Settings:
     # model.path points at an empty dir: no tokenizer there, so prompt length is left to the
     # engine, except in tests that bring a tokenizer.
     model_dir = tmp_path / "model"
@@ -50,7 +53,7 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     # The base model's shapes, which uploads are validated against (SmolLM2's).
     (model_dir / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
     return Settings(
-        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml", limits),
         cache_dir=tmp_path / "cache",
         model={"name": MODEL, "path": model_dir, "max_model_len": 2048},
         **overrides,  # type: ignore[arg-type]
@@ -72,10 +75,19 @@ def settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def gateway(settings: Settings, knobs: FakeEngineKnobs) -> Iterator[Gateway]:
-    fake = create_fake_engine_app(knobs)
+@contextlib.contextmanager
+def running_gateway(
+    settings: Settings, knobs: FakeEngineKnobs, fake: FastAPI | None = None
+) -> Iterator[Gateway]:
+    """A gateway app in front of a fake engine (a new one unless `fake` is shared)."""
+    fake = fake or create_fake_engine_app(knobs)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(fake), base_url="http://engine")
     app = create_app(settings, engine=VllmEngine(client))
     with TestClient(app) as test_client:
         yield Gateway(test_client, app, knobs, fake, settings)
+
+
+@pytest.fixture
+def gateway(settings: Settings, knobs: FakeEngineKnobs) -> Iterator[Gateway]:
+    with running_gateway(settings, knobs) as gw:
+        yield gw

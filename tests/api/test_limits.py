@@ -1,0 +1,134 @@
+"""Tenant limits (429) and admission control (503) in front of the fake engine, in one gateway
+and across two gateways sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from tests.api.conftest import Gateway, make_settings, running_gateway
+from tests.api.test_errors import assert_envelope
+from tests.api.test_openai_routes import chat_body
+from tests.api.test_result_cache import CHAT, GREEDY, cache_of, post
+from tests.redis_server import RedisServer
+
+
+def burst(gateway: Gateway, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(gateway.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            requests = [client.post(CHAT, json=b, headers=gateway.headers()) for b in bodies]
+            return list(await asyncio.gather(*requests))
+
+    return gateway.client.portal.call(run)  # type: ignore[union-attr,no-any-return]
+
+
+def assert_rate_limited(response: httpx.Response, limit: str) -> None:
+    error = assert_envelope(response, 429)
+    assert (error["type"], error["code"]) == ("rate_limit_exceeded", limit)
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_requests_per_minute(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
+    settings = make_settings(tmp_path, limits={"acme": {"requests_per_minute": 3}})
+    with running_gateway(settings, knobs) as gw:
+        body = chat_body("counted", **GREEDY)
+        responses = [post(gw, body) for _ in range(4)]
+        # Cache hits count too: a request is a request.
+        assert [cache_of(r) for r in responses[:3]] == ["miss", "hit", "hit"]
+        assert_rate_limited(responses[3], "requests_per_minute")
+        assert 15 <= int(responses[3].headers["Retry-After"]) <= 20
+        assert post(gw, body, tenant="globex").status_code == 200  # others are not affected
+        rejected = gw.app.state.services.metrics.registry.get_sample_value(
+            "loragate_limit_rejections_total", {"limit": "requests_per_minute"}
+        )
+        assert rejected == 1
+
+
+def test_tokens_are_reserved_and_the_unused_part_given_back(
+    tmp_path: Path, knobs: FakeEngineKnobs
+) -> None:
+    settings = make_settings(tmp_path, limits={"acme": {"tokens_per_minute": 100}})
+    with running_gateway(settings, knobs) as gw:
+        # Each reserves ~80 tokens and uses ~10: without the refund the second would not fit.
+        for i in range(3):
+            assert post(gw, chat_body(f"short {i}", max_tokens=80)).status_code == 200
+        too_big = post(gw, chat_body("big", max_tokens=200))
+        assert_rate_limited(too_big, "tokens_per_minute")
+        assert "Request too large" in too_big.json()["error"]["message"]
+
+
+def test_tokens_held_by_running_requests_count(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
+    settings = make_settings(tmp_path, limits={"acme": {"tokens_per_minute": 100}})
+    knobs.ttft_s = 0.3
+    with running_gateway(settings, knobs) as gw:
+        responses = burst(gw, [chat_body(f"at once {i}", max_tokens=60) for i in range(2)])
+        assert sorted(r.status_code for r in responses) == [200, 429]
+
+
+def test_max_concurrent(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
+    settings = make_settings(tmp_path, limits={"acme": {"max_concurrent": 2}})
+    knobs.ttft_s = 0.3
+    with running_gateway(settings, knobs) as gw:
+        responses = burst(gw, [chat_body(f"parallel {i}") for i in range(4)])
+        assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
+        for r in responses:
+            if r.status_code == 429:
+                assert_rate_limited(r, "max_concurrent")
+        assert post(gw, chat_body("after")).status_code == 200  # the slots came back
+
+
+def test_a_full_engine_queue_is_503_not_429(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
+    settings = make_settings(tmp_path, admission={"max_running": 1, "max_queued": 1})
+    knobs.ttft_s = 0.3
+    with running_gateway(settings, knobs) as gw:
+        responses = burst(gw, [chat_body(f"queued {i}") for i in range(4)])
+        assert sorted(r.status_code for r in responses) == [200, 200, 503, 503]
+        for r in responses:
+            if r.status_code == 503:
+                error = assert_envelope(r, 503)
+                assert error["type"] == "service_unavailable"
+                assert error["code"] == "server_overloaded"
+                assert r.headers["Retry-After"] == "1"
+        metrics = gw.app.state.services.metrics.registry
+        assert metrics.get_sample_value("loragate_engine_queue_depth", {"engine": "local"}) == 0
+        running = metrics.get_sample_value("loragate_engine_requests_running", {"engine": "local"})
+        assert running == 0
+
+
+def test_a_cache_hit_needs_no_engine_turn(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
+    settings = make_settings(tmp_path, admission={"max_running": 1, "max_queued": 0})
+    knobs.ttft_s = 0.3
+    with running_gateway(settings, knobs) as gw:
+        cached = chat_body("cached", **GREEDY)
+        post(gw, cached)
+        responses = burst(gw, [chat_body("slow"), cached, cached])
+        assert [r.status_code for r in responses] == [200, 200, 200]
+
+
+@pytest.mark.parametrize("redis_up", [True, False], ids=["shared", "redis-down"])
+def test_two_replicas_share_one_limit_through_redis(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer, redis_up: bool
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        limits={"acme": {"requests_per_minute": 4}},
+        redis_url=redis.url,
+        redis={"timeout_s": 0.2, "retry_after_s": 30},
+    )
+    fake = create_fake_engine_app(knobs)
+    with running_gateway(settings, knobs, fake) as a, running_gateway(settings, knobs, fake) as b:
+        if not redis_up:
+            redis.kill()
+        statuses = [post(gw, chat_body(f"r{i}")).status_code for i, gw in enumerate([a, b] * 4)]
+    redis.ensure_running()
+    if redis_up:
+        assert sorted(statuses) == [200] * 4 + [429] * 4
+    else:
+        # Each replica enforces the limit alone: twice the limit gets through, no more.
+        assert statuses == [200] * 8
