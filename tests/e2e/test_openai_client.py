@@ -14,7 +14,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_greedy_chat_answer_names_paris(vllm_gateway: ServeProcess) -> None:
-    result = vllm_gateway.client().chat.completions.create(
+    result = vllm_gateway.client(cached=False).chat.completions.create(
         model=BASE_MODEL,
         messages=QUESTION,
         temperature=0,
@@ -24,7 +24,7 @@ def test_greedy_chat_answer_names_paris(vllm_gateway: ServeProcess) -> None:
 
 
 def test_stream_joins_to_exactly_the_greedy_text(vllm_gateway: ServeProcess) -> None:
-    client = vllm_gateway.client()
+    client = vllm_gateway.client(cached=False)  # both answers from the engine
     messages = [{"role": "user", "content": "Write two sentences about the sea."}]
     whole = client.chat.completions.create(
         model=BASE_MODEL,
@@ -45,7 +45,7 @@ def test_stream_joins_to_exactly_the_greedy_text(vllm_gateway: ServeProcess) -> 
 
 
 def test_text_completion(vllm_gateway: ServeProcess) -> None:
-    result = vllm_gateway.client().completions.create(
+    result = vllm_gateway.client(cached=False).completions.create(
         model=BASE_MODEL, prompt="The capital of France is", temperature=0, max_tokens=8
     )
     assert result.choices[0].text.strip()
@@ -53,7 +53,7 @@ def test_text_completion(vllm_gateway: ServeProcess) -> None:
 
 
 def test_streamed_text_completion(vllm_gateway: ServeProcess) -> None:
-    stream = vllm_gateway.client().completions.create(
+    stream = vllm_gateway.client(cached=False).completions.create(
         model=BASE_MODEL, prompt="Once upon a time", temperature=0, max_tokens=8, stream=True
     )
     assert "".join(c.choices[0].text for c in stream if c.choices).strip()
