@@ -67,3 +67,30 @@ def test_shipped_dev_file_holds_the_documented_keys() -> None:
     assert acme is not None and acme.tenant is not None and acme.tenant.name == "acme"
     admin = directory.authenticate("sk-dev-admin")
     assert admin is not None and admin.is_admin
+
+
+def test_limits_are_read_per_tenant(tmp_path: Path) -> None:
+    path = write_tenants_file(
+        tmp_path / "t.yaml", {"acme": {"requests_per_minute": 5, "max_concurrent": 2}}
+    )
+    directory = TenantDirectory.load(path)
+    acme, globex = directory.tenant("acme"), directory.tenant("globex")
+    assert acme is not None and globex is not None
+    assert (acme.limits.requests_per_minute, acme.limits.max_concurrent) == (5, 2)
+    assert acme.limits.tokens_per_minute is None
+    assert globex.limits.requests_per_minute is None  # no block: unlimited
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"requests_per_minute": 0}, {"tokens_per_minute": -1}, {"burst": 5}, {"max_concurrent": "x"}],
+)
+def test_bad_limits_are_refused(tmp_path: Path, limits: dict[str, object]) -> None:
+    path = write_tenants_file(tmp_path / "t.yaml", {"acme": limits})  # type: ignore[dict-item]
+    with pytest.raises(TenantsFileError):
+        TenantDirectory.load(path)
+
+
+def test_the_dev_file_is_valid() -> None:
+    dev = TenantDirectory.load(Path(__file__).parents[2] / "deploy/dev/tenants.dev.yaml")
+    assert dev.is_dev and dev.tenant("acme") is not None
