@@ -6,6 +6,7 @@ validated here ever reaches it. Request-size bounds that depend on settings live
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,3 +118,8 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def dump_json(obj: Any) -> bytes:
+    """A response body in the same compact form as FastAPI's JSONResponse."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

@@ -10,7 +10,6 @@ the request ends; a stream takes the stack with it and releases it when the resp
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -31,7 +30,13 @@ from server.errors import (
     ModelNotFoundError,
 )
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, GenerationRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    dump_json,
+)
 from server.request_bounds import RequestBounds, RequestBudget
 from server.result_cache import ResultCache
 from server.settings import Settings
@@ -79,11 +84,6 @@ class Job:
     kind: GenerationKind
     body: dict[str, Any]
     budget: RequestBudget
-
-
-def dump_json(obj: Any) -> bytes:
-    # The same compact form as FastAPI's JSONResponse.
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class GenerationService:

@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from server.protocol import dump_json
+
 DONE = b"data: [DONE]"
 _CHAT_DELTA_KEYS = {"role", "content"}
-
-
-def _dumps(obj: Any) -> bytes:
-    # The same compact form as FastAPI's JSONResponse.
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 class StreamCapture:
@@ -90,7 +87,7 @@ class StreamCapture:
                 )  # fmt: skip
         obj = "chat.completion" if self._chat else "text_completion"
         head = self._head
-        return _dumps(
+        return dump_json(
             {"id": head["id"], "object": obj, "created": head["created"], "model": head["model"],
              "choices": choices, "usage": self._usage}
         )  # fmt: skip
@@ -130,9 +127,9 @@ def replay_events(result: bytes, chat: bool, include_usage: bool) -> list[bytes]
         else:
             chunks.append({"index": index, "text": choice["text"], "logprobs": logprobs,
                            "finish_reason": finish})  # fmt: skip
-    events = [b"data: " + _dumps({**head, "choices": [c]}) + b"\n\n" for c in chunks]
+    events = [b"data: " + dump_json({**head, "choices": [c]}) + b"\n\n" for c in chunks]
     if include_usage and completion.get("usage"):
         usage_chunk = {**head, "choices": [], "usage": completion["usage"]}
-        events.append(b"data: " + _dumps(usage_chunk) + b"\n\n")
+        events.append(b"data: " + dump_json(usage_chunk) + b"\n\n")
     events.append(DONE + b"\n\n")
     return events
