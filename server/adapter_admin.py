@@ -125,7 +125,7 @@ class AdapterAdminService:
                 alpha=info.alpha,
                 target_modules=info.target_modules,
                 size_bytes=info.size_bytes,
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
             )
             with self._commit_lock:
                 self._store.put(info.digest, config_bytes, Path(staged))

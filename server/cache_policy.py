@@ -2,9 +2,10 @@
 
 Only reproducible requests are cached: greedy (temperature 0, explicitly) with n = 1, or an
 explicit `seed` (vLLM honours per-request seeds). The key is a sha256 over the tenant, the base
-model's name and weights revision, the adapter's content digest, the public model name, the
-endpoint, and the canonical form of every request field that can change the output. A replaced
-adapter has a new digest, so its old entries can never match again.
+model's name and weights revision, the adapter's version (content digest and registry creation
+time), the public model name, the endpoint, and the canonical form of every request field that can
+change the output. A replaced adapter, or one deleted and uploaded again, is a new version, so its
+old entries can never match again.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def cache_key(
     *,
     tenant: str,
     base_revision: str,
-    adapter_digest: str | None,
+    adapter_version: str | None,
     public_model: str,
     endpoint: str,
     body: dict[str, Any],
@@ -77,7 +78,7 @@ def cache_key(
         "v": KEY_VERSION,
         "tenant": tenant,
         "base": base_revision,
-        "adapter": adapter_digest,
+        "adapter": adapter_version,
         "model": public_model,
         "endpoint": endpoint,
         "request": request,

@@ -202,7 +202,8 @@ class GenerationService:
         key = cache_key(
             tenant=tenant.name,
             base_revision=self._base_revision,
-            adapter_digest=adapter.digest if adapter is not None else None,
+            # The version, not the name: replaced, or deleted and uploaded again, is a new key.
+            adapter_version=f"{adapter.digest}@{adapter.created_at}" if adapter else None,
             public_model=job.target.public_name,
             endpoint=job.kind,
             body=job.body,

@@ -182,6 +182,9 @@ def test_replacing_an_adapter_retires_its_cached_results(gateway: Gateway, tmp_p
     assert cache_of(post(gateway, body)) == "hit"
     gateway.client.delete("/admin/v1/tenants/acme/adapters/helper", headers=gateway.admin)
     assert post(gateway, body).status_code == 404
+    # Uploaded again, even with the same content, it is a new version: nothing old is served.
+    assert upload(gateway, new, name="helper").status_code == 201
+    assert cache_of(post(gateway, body)) == "miss"
 
 
 def test_results_over_the_entry_size_are_not_stored(tmp_path: Path, knobs: FakeEngineKnobs) -> None:

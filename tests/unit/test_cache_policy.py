@@ -17,7 +17,7 @@ def key(**overrides: Any) -> str:
     args: dict[str, Any] = {
         "tenant": "acme",
         "base_revision": "base@1",
-        "adapter_digest": None,
+        "adapter_version": None,
         "public_model": "base",
         "endpoint": "chat",
         "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 0},
@@ -48,7 +48,7 @@ def test_key_depends_on_everything_that_can_change_the_output() -> None:
     different = [
         key(tenant="globex"),
         key(base_revision="base@2"),
-        key(adapter_digest="a" * 64),
+        key(adapter_version="a" * 64 + "@2026-11-23T00:00:00.000001+00:00"),
         key(public_model="other"),
         key(endpoint="completions"),
         key(body={**body, "max_tokens": 5}),
