@@ -1,7 +1,9 @@
 """FastAPI dependencies: the app's services, and who the caller is.
 
 Authentication runs before the body is parsed, so an unauthenticated caller always gets 401,
-never a hint about what a valid body looks like.
+never a hint about what a valid body looks like. The dependencies are `async def` although
+they never await: FastAPI runs plain `def` dependencies in a worker thread, a hop per dependency
+per request that showed up as a millisecond of the gateway's added latency.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Services:
     metrics: Metrics
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -46,7 +48,7 @@ def _bearer_key(request: Request) -> str:
     return key.strip()
 
 
-def get_principal(
+async def get_principal(
     request: Request, services: Annotated[Services, Depends(get_services)]
 ) -> Principal:
     principal = services.tenants.authenticate(_bearer_key(request))
@@ -55,13 +57,13 @@ def get_principal(
     return principal
 
 
-def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
         raise PermissionDeniedError("this route needs the admin API key")
     return principal
 
 
-def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> Tenant:
+async def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> Tenant:
     if principal.tenant is None:
         raise PermissionDeniedError("this route needs a tenant API key, not an admin key")
     return principal.tenant
