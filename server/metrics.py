@@ -137,7 +137,7 @@ class Metrics:
         )
         self.redis_up = Gauge(
             "loragate_redis_up",
-            "1 while Redis answers (or none is configured), 0 while the gateway serves without it.",
+            "1 while Redis answers, 0 while the gateway serves without it (or none is configured).",
             registry=r,
         )
         self.redis_errors = Counter(
