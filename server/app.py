@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 
 from adapters.registry import LocalAdapterRegistry
@@ -56,12 +55,9 @@ DEV_TENANTS_WARNING = (
 )
 
 
-def engine_client(settings: Settings, base_url: str) -> httpx.AsyncClient:
+def engine_client(settings: Settings, base_url: str) -> VllmEngine:
     e = settings.engine
-    timeout = httpx.Timeout(e.request_timeout_s, connect=e.connect_timeout_s)
-    # No connection cap: admission control, not the pool, decides how much reaches the engine.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+    return VllmEngine(base_url, e.request_timeout_s, e.connect_timeout_s)
 
 
 def load_tenants(settings: Settings) -> TenantDirectory:
@@ -115,7 +111,8 @@ def create_app(
     engine: Engine | None = None,
     on_fatal: Callable[[int], None] | None = None,
 ) -> FastAPI:
-    """Build the gateway. With `engine` given (tests), no engine process or client is made."""
+    """Build the gateway. With `engine` given (tests), no engine process or client is made;
+    the app closes it when it stops."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -160,8 +157,8 @@ def create_app(
                 monitor_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await monitor_task
-            if engine is None:
-                await the_engine.aclose()
+            # Also a given engine: its connections belong to this app's event loop.
+            await the_engine.aclose()
             if redis_link is not None:
                 await redis_link.aclose()
             if process is not None:
@@ -186,7 +183,7 @@ def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProce
     if engine is not None:
         return None, engine
     if settings.engine.url is not None:
-        return None, VllmEngine(engine_client(settings, str(settings.engine.url).rstrip("/")))
+        return None, engine_client(settings, str(settings.engine.url))
     if settings.engine.kind == "vllm" and not (settings.model_path / "config.json").is_file():
         raise EngineStartError(
             f"no model at {settings.model_path}: run `loragate model prepare` first"
@@ -194,4 +191,4 @@ def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProce
     port = settings.engine.port or free_loopback_port()
     argv = (vllm_argv if settings.engine.kind == "vllm" else fake_argv)(settings, port)
     process = EngineProcess(argv, settings.cache_dir / "logs" / f"engine-{port}.log")
-    return process, VllmEngine(engine_client(settings, f"http://127.0.0.1:{port}"))
+    return process, engine_client(settings, f"http://127.0.0.1:{port}")

@@ -1,19 +1,24 @@
-"""The gateway in-process, in front of the fake engine (through httpx's ASGI transport)."""
+"""The gateway in-process, in front of the fake engine served on a loopback port (in a thread), so
+the gateway's real HTTP client is what talks to it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from starlette.types import ASGIApp
 
 from server.app import create_app
+from server.engine_process import free_loopback_port
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from server.vllm_engine import VllmEngine
@@ -76,14 +81,40 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """Serve `app` on a free loopback port from a thread; yields its base URL."""
+    port = free_loopback_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"engine-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the engine did not start"
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def engine_at(url: str) -> VllmEngine:
+    return VllmEngine(url, request_timeout_s=60, connect_timeout_s=2)
+
+
+@contextlib.contextmanager
 def running_gateway(
     settings: Settings, knobs: FakeEngineKnobs, fake: FastAPI | None = None
 ) -> Iterator[Gateway]:
-    """A gateway app in front of a fake engine (a new one unless `fake` is shared)."""
-    fake = fake or create_fake_engine_app(knobs)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(fake), base_url="http://engine")
-    app = create_app(settings, engine=VllmEngine(client))
-    with TestClient(app) as test_client:
+    """A gateway app in front of a fake engine; a new one unless `fake` is given (served
+    already by `serving`, and shared)."""
+    with contextlib.ExitStack() as stack:
+        if fake is None:
+            fake = create_fake_engine_app(knobs)
+            fake.state.url = stack.enter_context(serving(fake))
+        app = create_app(settings, engine=engine_at(fake.state.url))
+        test_client = stack.enter_context(TestClient(app))
         yield Gateway(test_client, app, knobs, fake, settings)
 
 

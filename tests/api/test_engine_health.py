@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Receive, Scope, Send
 
 from server.app import create_app
+from server.engine_process import free_loopback_port
 from server.settings import Settings
-from server.vllm_engine import VllmEngine
-from tests.api.conftest import Gateway, make_settings
+from tests.api.conftest import Gateway, engine_at, make_settings, serving
 from tests.api.test_errors import assert_envelope
 from tests.api.test_openai_routes import chat_body, sse_events
 from tests.support import TENANT_KEYS
@@ -21,9 +21,8 @@ from tests.support import TENANT_KEYS
 HEADERS = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
 
 
-def gateway_on(settings: Settings, transport: httpx.AsyncBaseTransport) -> TestClient:
-    client = httpx.AsyncClient(transport=transport, base_url="http://engine")
-    return TestClient(create_app(settings, engine=VllmEngine(client)))
+def gateway_on(settings: Settings, engine_url: str) -> TestClient:
+    return TestClient(create_app(settings, engine=engine_at(engine_url)))
 
 
 def test_healthy_engine_is_ready(gateway: Gateway) -> None:
@@ -52,10 +51,8 @@ def test_unhealthy_engine_makes_readyz_and_requests_503(gateway: Gateway) -> Non
 
 @pytest.fixture
 def unreachable_engine(tmp_path: Path) -> Iterator[TestClient]:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    with gateway_on(make_settings(tmp_path), httpx.MockTransport(refuse)) as client:
+    nobody = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens: connection refused
+    with gateway_on(make_settings(tmp_path), nobody) as client:
         yield client
 
 
@@ -66,19 +63,23 @@ def test_unreachable_engine_is_503_with_retry_after(unreachable_engine: TestClie
     assert "retry-after" in response.headers
 
 
-class BreaksMidStream(httpx.AsyncByteStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
-        raise httpx.ReadError("engine died")
+async def dies_mid_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    """An engine that is healthy, then dies after the first event of a stream."""
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if scope["path"] == "/health":
+        await send({"type": "http.response.body", "body": b""})
+        return
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
+    await send({"type": "http.response.body", "body": event, "more_body": True})
+    raise RuntimeError("engine died")  # the server drops the connection mid-body
 
 
 def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(tmp_path: Path) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        return httpx.Response(200, stream=BreaksMidStream())
-
-    with gateway_on(make_settings(tmp_path), httpx.MockTransport(handler)) as client:
+    with (
+        serving(dies_mid_stream) as url,
+        gateway_on(make_settings(tmp_path), url) as client,
+    ):
         response = client.post("/v1/chat/completions", json=chat_body(stream=True), headers=HEADERS)
         events = sse_events(response.text)
         assert response.status_code == 200

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
-from tests.api.conftest import Gateway, make_settings, running_gateway
+from tests.api.conftest import Gateway, make_settings, running_gateway, serving
 from tests.api.test_errors import assert_envelope
 from tests.api.test_openai_routes import chat_body
 from tests.api.test_result_cache import CHAT, GREEDY, cache_of, post
@@ -122,7 +122,11 @@ def test_two_replicas_share_one_limit_through_redis(
         redis={"timeout_s": 0.2, "retry_after_s": 30},
     )
     fake = create_fake_engine_app(knobs)
-    with running_gateway(settings, knobs, fake) as a, running_gateway(settings, knobs, fake) as b:
+    with (
+        serving(fake) as fake.state.url,
+        running_gateway(settings, knobs, fake) as a,
+        running_gateway(settings, knobs, fake) as b,
+    ):
         if not redis_up:
             redis.kill()
         statuses = [post(gw, chat_body(f"r{i}")).status_code for i, gw in enumerate([a, b] * 4)]

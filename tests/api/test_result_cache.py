@@ -16,7 +16,7 @@ import pytest
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from tests.adapter_factory import write_peft_adapter
-from tests.api.conftest import MODEL, Gateway, make_settings, running_gateway
+from tests.api.conftest import MODEL, Gateway, make_settings, running_gateway, serving
 from tests.api.test_adapters_admin import upload
 from tests.api.test_openai_routes import chat_body, sse_events
 from tests.redis_server import RedisServer
@@ -221,6 +221,7 @@ def test_replicas_sharing_redis_share_results_and_coalesce(
     knobs.ttft_s = 0.3
     fake = create_fake_engine_app(knobs)  # one engine behind both replicas
     with (
+        serving(fake) as fake.state.url,
         running_gateway(redis_settings, knobs, fake) as a,
         running_gateway(redis_settings, knobs, fake) as b,
     ):
