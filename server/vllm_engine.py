@@ -94,14 +94,14 @@ class VllmEngine:
             # the engine.
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(
-                self._base_url, connector=connector, timeout=self._timeout, auto_decompress=False
+                connector=connector, timeout=self._timeout, auto_decompress=False
             )
         return self._session
 
     async def health(self) -> bool:
         try:
             timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
-            async with self._client().get("/health", timeout=timeout) as response:
+            async with self._client().get(self._base_url + "/health", timeout=timeout) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
@@ -118,7 +118,7 @@ class VllmEngine:
 
     async def open_stream(self, kind: GenerationKind, body: dict[str, Any]) -> EngineStream:
         try:
-            response = await self._client().post(PATHS[kind], json=body)
+            response = await self._client().post(self._base_url + PATHS[kind], json=body)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise translate_transport_error(e) from e
         if response.status != 200:
@@ -148,7 +148,7 @@ class VllmEngine:
 
     async def _post(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         try:
-            async with self._client().post(path, json=body) as response:
+            async with self._client().post(self._base_url + path, json=body) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise translate_transport_error(e) from e
