@@ -39,8 +39,8 @@ class TokenReservation:
         self.used = tokens
 
     async def close(self, engine_refused: bool = False) -> None:
-        """Give back what was not used: everything when the engine refused the request,
-        nothing when usage is unknown (a stream cut short still cost the engine)."""
+        """Give back what was not used: everything after an engine error, nothing when usage
+        is unknown (a request cancelled or a stream cut short still cost the engine)."""
         if engine_refused:
             unused = self.reserved
         elif self.used is not None:
@@ -149,5 +149,6 @@ class TenantLimiter:
 
 
 def engine_refused(exc: BaseException | None) -> bool:
-    """Whether a request failed before the engine did any work for it."""
+    """Whether a request ended in an engine error (refused, unreachable, failed): its tokens are
+    given back, rather than charging the tenant for the engine's failure."""
     return isinstance(exc, LoragateError)
