@@ -3,6 +3,7 @@ the gateway's real HTTP client is what talks to it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -10,7 +11,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -46,6 +49,21 @@ class Gateway:
     @property
     def engine_calls(self) -> int:
         return int(self.fake.state.stats.generate_calls)
+
+    def send_together(
+        self, bodies: list[dict[str, Any]], path: str = "/v1/chat/completions"
+    ) -> list[httpx.Response]:
+        """POST every body at once, as acme; the responses in order."""
+
+        async def run() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                headers = self.headers()
+                requests = [client.post(path, json=b, headers=headers) for b in bodies]
+                return list(await asyncio.gather(*requests))
+
+        # On the loop the app's lifespan runs on: its locks and clients belong to that loop.
+        return self.client.portal.call(run)  # type: ignore[union-attr,no-any-return]
 
 
 def make_settings(

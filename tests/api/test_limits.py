@@ -3,29 +3,17 @@ and across two gateways sharing Redis."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
-from tests.api.conftest import Gateway, make_settings, running_gateway, serving
+from tests.api.conftest import make_settings, running_gateway, serving
 from tests.api.test_errors import assert_envelope
 from tests.api.test_openai_routes import chat_body
-from tests.api.test_result_cache import CHAT, GREEDY, cache_of, post
+from tests.api.test_result_cache import GREEDY, cache_of, post
 from tests.redis_server import RedisServer
-
-
-def burst(gateway: Gateway, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(gateway.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            requests = [client.post(CHAT, json=b, headers=gateway.headers()) for b in bodies]
-            return list(await asyncio.gather(*requests))
-
-    return gateway.client.portal.call(run)  # type: ignore[union-attr,no-any-return]
 
 
 def assert_rate_limited(response: httpx.Response, limit: str) -> None:
@@ -67,7 +55,7 @@ def test_tokens_held_by_running_requests_count(tmp_path: Path, knobs: FakeEngine
     settings = make_settings(tmp_path, limits={"acme": {"tokens_per_minute": 100}})
     knobs.ttft_s = 0.3
     with running_gateway(settings, knobs) as gw:
-        responses = burst(gw, [chat_body(f"at once {i}", max_tokens=60) for i in range(2)])
+        responses = gw.send_together([chat_body(f"at once {i}", max_tokens=60) for i in range(2)])
         assert sorted(r.status_code for r in responses) == [200, 429]
 
 
@@ -75,7 +63,7 @@ def test_max_concurrent(tmp_path: Path, knobs: FakeEngineKnobs) -> None:
     settings = make_settings(tmp_path, limits={"acme": {"max_concurrent": 2}})
     knobs.ttft_s = 0.3
     with running_gateway(settings, knobs) as gw:
-        responses = burst(gw, [chat_body(f"parallel {i}") for i in range(4)])
+        responses = gw.send_together([chat_body(f"parallel {i}") for i in range(4)])
         assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
         for r in responses:
             if r.status_code == 429:
@@ -87,7 +75,7 @@ def test_a_full_engine_queue_is_503_not_429(tmp_path: Path, knobs: FakeEngineKno
     settings = make_settings(tmp_path, admission={"max_running": 1, "max_queued": 1})
     knobs.ttft_s = 0.3
     with running_gateway(settings, knobs) as gw:
-        responses = burst(gw, [chat_body(f"queued {i}") for i in range(4)])
+        responses = gw.send_together([chat_body(f"queued {i}") for i in range(4)])
         assert sorted(r.status_code for r in responses) == [200, 200, 503, 503]
         for r in responses:
             if r.status_code == 503:
@@ -107,7 +95,7 @@ def test_a_cache_hit_needs_no_engine_turn(tmp_path: Path, knobs: FakeEngineKnobs
     with running_gateway(settings, knobs) as gw:
         cached = chat_body("cached", **GREEDY)
         post(gw, cached)
-        responses = burst(gw, [chat_body("slow"), cached, cached])
+        responses = gw.send_together([chat_body("slow"), cached, cached])
         assert [r.status_code for r in responses] == [200, 200, 200]
 
 

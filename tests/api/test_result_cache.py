@@ -42,19 +42,6 @@ def cache_count(gateway: Gateway, result: str) -> float:
     return value or 0.0
 
 
-def burst(gateway: Gateway, body: dict[str, Any], count: int) -> list[httpx.Response]:
-    """`count` copies of one request, all at once, on the app's own event loop."""
-
-    async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(gateway.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            headers = gateway.headers()
-            requests = [client.post(CHAT, json=body, headers=headers) for _ in range(count)]
-            return list(await asyncio.gather(*requests))
-
-    return gateway.client.portal.call(run)  # type: ignore[union-attr,no-any-return]
-
-
 @pytest.fixture
 def redis_settings(tmp_path: Path, redis: RedisServer) -> Settings:
     return make_settings(
@@ -208,7 +195,7 @@ def test_a_hit_is_served_while_the_engine_is_down(gateway: Gateway) -> None:
 def test_identical_concurrent_requests_make_one_engine_call(any_gateway: Gateway) -> None:
     gw = any_gateway
     gw.knobs.ttft_s = 0.3
-    responses = burst(gw, chat_body("together", **GREEDY), 20)
+    responses = gw.send_together([chat_body("together", **GREEDY)] * 20)
     assert [r.status_code for r in responses] == [200] * 20
     assert gw.engine_calls == 1
     assert len({r.content for r in responses}) == 1
@@ -227,7 +214,7 @@ def test_replicas_sharing_redis_share_results_and_coalesce(
     ):
         body = chat_body("across replicas", **GREEDY)
         with ThreadPoolExecutor(2) as pool:
-            bursts = list(pool.map(lambda gw: burst(gw, body, 5), [a, b]))
+            bursts = list(pool.map(lambda gw: gw.send_together([body] * 5), [a, b]))
         responses = [r for group in bursts for r in group]
         assert [r.status_code for r in responses] == [200] * 10
         assert a.engine_calls == 1  # the shared fake counts both replicas' calls
