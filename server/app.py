@@ -55,7 +55,7 @@ DEV_TENANTS_WARNING = (
 )
 
 
-def engine_client(settings: Settings, base_url: str) -> VllmEngine:
+def vllm_engine_at(settings: Settings, base_url: str) -> VllmEngine:
     e = settings.engine
     return VllmEngine(base_url, e.request_timeout_s, e.connect_timeout_s)
 
@@ -183,7 +183,7 @@ def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProce
     if engine is not None:
         return None, engine
     if settings.engine.url is not None:
-        return None, engine_client(settings, str(settings.engine.url))
+        return None, vllm_engine_at(settings, str(settings.engine.url))
     if settings.engine.kind == "vllm" and not (settings.model_path / "config.json").is_file():
         raise EngineStartError(
             f"no model at {settings.model_path}: run `loragate model prepare` first"
@@ -191,4 +191,4 @@ def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProce
     port = settings.engine.port or free_loopback_port()
     argv = (vllm_argv if settings.engine.kind == "vllm" else fake_argv)(settings, port)
     process = EngineProcess(argv, settings.cache_dir / "logs" / f"engine-{port}.log")
-    return process, engine_client(settings, f"http://127.0.0.1:{port}")
+    return process, vllm_engine_at(settings, f"http://127.0.0.1:{port}")

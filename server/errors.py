@@ -117,7 +117,6 @@ class RateLimitError(LoragateError):
 
     def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
         super().__init__(message, code=limit, retry_after_s=max(1, retry_after_s))
-        self.limit = limit
 
 
 class EngineError(LoragateError):

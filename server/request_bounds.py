@@ -18,7 +18,6 @@ CHARS_PER_TOKEN_ESTIMATE = 4
 @dataclass(frozen=True)
 class RequestBudget:
     max_tokens: int  # what the engine is asked for, per choice
-    prompt_tokens: int  # counted, or estimated without a tokenizer
     most_tokens: int  # the most the request can cost: prompts + every choice's max_tokens
 
 
@@ -62,5 +61,4 @@ class RequestBounds:
         if counts is None:
             counts = [len(t) // CHARS_PER_TOKEN_ESTIMATE + 1 for t in texts]
         choices = (request.n or 1) * (1 if is_chat else len(texts))
-        prompt_total = sum(counts)
-        return RequestBudget(max_tokens, prompt_total, prompt_total + choices * max_tokens)
+        return RequestBudget(max_tokens, sum(counts) + choices * max_tokens)

@@ -65,10 +65,6 @@ class ResultCache:
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._flights)
-
     @contextlib.asynccontextmanager
     async def lookup(self, plan: CachePlan) -> AsyncIterator[Lookup]:
         key = plan.key

@@ -29,7 +29,6 @@ PATHS: dict[GenerationKind, str] = {
 }
 MAX_ERROR_BODY_BYTES = 64 << 10
 HEALTH_TIMEOUT_S = 5.0
-KEEPALIVE_CONNECTIONS = 256
 
 
 def translate_transport_error(error: BaseException) -> LoragateError:
