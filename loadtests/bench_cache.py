@@ -3,7 +3,7 @@
 The script starts what it measures, on free loopback ports: a `redis-server`; gateway `redis-a`
 (`loragate serve` with its local vLLM engine and Redis); gateway `redis-b` (Redis, in front of
 the same engine through `--engine-url`); gateway `memory` (the in-process cache, same engine).
-All use a generated tenants file with one tenant (no limits) and the prepared default model.
+All use the tests' tenants file (`tests/support.py`, no limits) and the prepared default model.
 
 1. Hit latency. For `--prompts` distinct greedy chat requests (`max_tokens` `--max-tokens`,
    not streamed), on each of `redis-a` and `memory`: one request with `Cache-Control: no-cache`
@@ -43,16 +43,24 @@ from typing import Annotated, Any
 import httpx
 import numpy as np
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from server.engine_process import free_loopback_port
 from server.settings import Settings
-from server.tenants import hash_api_key
+
+# tests.support (the test tenants, vLLM's request count) lives under the repo root.
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+from tests.support import (
+    TENANT_KEYS,
+    settled_vllm_requests,
+    vllm_finished_requests,
+    write_tenants_file,
+)
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
-API_KEY = "sk-bench-cache"
+API_KEY = TENANT_KEYS["acme"]
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 600
 PIPE_WIDTH = 120
@@ -90,24 +98,6 @@ def wait_ready(url: str, log: Path) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"{url} not ready after {READY_TIMEOUT_S} s; see {log}")
-
-
-def engine_requests(engine_url: str) -> float:
-    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success")
-    )
-
-
-def settled_engine_requests(engine_url: str, at_least: float) -> float:
-    """vLLM counts a request a moment after answering it: wait for the count to settle."""
-    deadline = time.monotonic() + 10
-    while engine_requests(engine_url) < at_least and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    return engine_requests(engine_url)
 
 
 def body(prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -164,7 +154,7 @@ async def burst_run(
 ) -> dict[str, Any]:
     latencies: list[float] = []
     walls: list[float] = []
-    before = engine_requests(engine_url)
+    before = vllm_finished_requests(engine_url)
     for _ in range(bursts):
         payload = body(f"Tell a fact about the number {uuid.uuid4().int % 10_000}.", max_tokens)
         started_at = time.perf_counter()
@@ -173,7 +163,7 @@ async def burst_run(
         )
         walls.append(time.perf_counter() - started_at)
         latencies += [elapsed for elapsed, _ in results]
-    calls = settled_engine_requests(engine_url, before + bursts) - before
+    calls = settled_vllm_requests(engine_url, before + bursts) - before
     return {"requests": size * bursts, "engine_calls": calls, "latency": latencies, "wall": walls}
 
 
@@ -245,8 +235,7 @@ def main(
         raise SystemExit("redis-server is not installed (`make redis-server`)")
     model_path = Settings().model_path
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    tenants = {"tenants": {"bench": {"api_key_sha256": [hash_api_key(API_KEY)]}}}
-    (tmp / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    write_tenants_file(tmp / "tenants.yaml")
     redis_port, engine_port = free_loopback_port(), free_loopback_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     engine_url = f"http://127.0.0.1:{engine_port}"

@@ -1,10 +1,13 @@
-"""Helpers shared by the test tiers: test tenants with known keys."""
+"""Helpers shared by the test tiers (and the benchmarks): test tenants with known keys, and
+the request count of a vLLM engine from its own metrics."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from server.tenants import hash_api_key
@@ -23,3 +26,22 @@ def write_tenants_file(path: Path, limits: dict[str, dict[str, int]] | None = No
     config = {"admin": {"api_key_sha256": [hash_api_key(ADMIN_KEY)]}, "tenants": tenants}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def vllm_finished_requests(engine_url: str) -> float:
+    """Requests a vLLM engine has finished, from its `vllm:request_success` counters."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    samples = [line for line in text.splitlines() if line.startswith("vllm:request_success")]
+    if not samples:
+        raise RuntimeError(f"{engine_url} exports no vllm:request_success metric")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
+
+
+def settled_vllm_requests(engine_url: str, at_least: float) -> float:
+    """vLLM counts a request a moment after answering it: wait for `at_least`, then a little
+    longer for any request beyond it."""
+    deadline = time.monotonic() + 10
+    while vllm_finished_requests(engine_url) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    return vllm_finished_requests(engine_url)

@@ -66,13 +66,6 @@ class ServeProcess:
         assert self.engine_port is not None, "start_serve(engine_port=...) to know it"
         return f"http://127.0.0.1:{self.engine_port}"
 
-    def engine_requests(self) -> float:
-        """Requests the engine finished, from vLLM's own metrics."""
-        text = httpx.get(f"{self.engine_url}/metrics", timeout=10).text
-        samples = [line for line in text.splitlines() if line.startswith("vllm:request_success")]
-        assert samples, "vLLM exports no vllm:request_success metric"
-        return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
-
     def admin_put(
         self, tenant: str, name: str, directory: Path, *, key: str = ADMIN_KEY, **params: str
     ) -> httpx.Response:

@@ -16,7 +16,7 @@ import pytest
 from tests.adapter_factory import write_peft_adapter
 from tests.e2e.conftest import BASE_MODEL, ServeProcess, start_serve
 from tests.redis_server import RedisServer
-from tests.support import TENANT_KEYS
+from tests.support import TENANT_KEYS, settled_vllm_requests, vllm_finished_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -42,13 +42,7 @@ def chat(
 
 
 def engine_requests_since(serve: ServeProcess, before: float, expected: int) -> int:
-    """vLLM counts a request when its output loop gets to it, a moment after the response:
-    wait for `expected`, then a little longer for any request beyond it."""
-    deadline = time.monotonic() + 10
-    while serve.engine_requests() - before < expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    return int(serve.engine_requests() - before)
+    return int(settled_vllm_requests(serve.engine_url, before + expected) - before)
 
 
 def cache_of(response: httpx.Response) -> str:
@@ -60,7 +54,7 @@ def test_a_repeat_is_a_byte_identical_hit_and_costs_no_engine_request(
     vllm_gateway: ServeProcess,
 ) -> None:
     messages = question("the sea")
-    before = vllm_gateway.engine_requests()
+    before = vllm_finished_requests(vllm_gateway.engine_url)
     first, second = chat(vllm_gateway, messages), chat(vllm_gateway, messages)
     assert (cache_of(first), cache_of(second)) == ("miss", "hit")
     assert second.content == first.content
@@ -105,7 +99,7 @@ def test_twenty_identical_concurrent_requests_make_one_engine_request(
     vllm_gateway: ServeProcess,
 ) -> None:
     messages = question("a mountain")
-    before = vllm_gateway.engine_requests()
+    before = vllm_finished_requests(vllm_gateway.engine_url)
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(lambda _: chat(vllm_gateway, messages), range(20)))
     assert [r.status_code for r in responses] == [200] * 20
