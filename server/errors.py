@@ -10,8 +10,8 @@
     ├── ConflictError             (409 conflict_error)
     ├── RateLimitError            (429 rate_limit_exceeded, with Retry-After: the tenant's quota)
     ├── EngineError               (502 api_error: the engine answered, but not sensibly)
-    └── EngineUnavailableError    (503 service_unavailable, with Retry-After)
-        └── ServerOverloadedError (503, code server_overloaded: the engine's queue is full)
+    ├── EngineUnavailableError    (503 service_unavailable, with Retry-After)
+    └── ServerOverloadedError     (503 service_unavailable, code server_overloaded: queue full)
 
 Services raise these (and `adapters.errors` types, mapped in `_ADAPTER_ERRORS`);
 `register_error_handlers` renders them, framework errors included, so no route ever builds an
@@ -134,10 +134,13 @@ class EngineUnavailableError(LoragateError):
         super().__init__(message, retry_after_s=retry_after_s)
 
 
-class ServerOverloadedError(EngineUnavailableError):
+class ServerOverloadedError(LoragateError):
     """The server is full (every tenant is turned away), as opposed to 429 (one tenant is over
-    its quota)."""
+    its quota). Not an EngineUnavailableError: the engine is fine, and handlers that mark the
+    engine unreachable on that error must not see this one."""
 
+    status_code = 503
+    error_type = "service_unavailable"
     default_code = "server_overloaded"
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
