@@ -38,7 +38,8 @@ redis-server:
 	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-test: model redis-server
+# The linters are part of the gate: a lint failure fails `make test` (and CI) before any test runs.
+test: lint model redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install redis-server
