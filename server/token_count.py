@@ -1,5 +1,5 @@
 """Count prompt tokens in the gateway, to refuse a prompt that cannot fit the model's context
-before it costs an engine round trip (and, later, to reserve tokens against tenant limits).
+before it costs an engine round trip, and to reserve tokens against tenant limits.
 
 The count covers the message texts, not the chat template's few extra tokens: the engine's own
 check stays authoritative for prompts right at the edge.
