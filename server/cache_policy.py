@@ -27,8 +27,12 @@ CACHE_HEADER = "x-loragate-cache"
 KEY_VERSION = 1
 
 # Fields that cannot change the generated content: left out of the key, so a streamed and a
-# non-streamed request share one entry.
-OUTPUT_NEUTRAL_FIELDS = frozenset({"model", "stream", "stream_options", "user"})
+# non-streamed request share one entry. (`model` enters as the resolved public name and adapter
+# version; `request_id` and `priority` are never forwarded, and only name or order the work.)
+# Every other field, vLLM's sampling and template extensions included, is in the key.
+OUTPUT_NEUTRAL_FIELDS = frozenset(
+    {"model", "stream", "stream_options", "user", "request_id", "priority"}
+)
 
 
 @dataclass(frozen=True)

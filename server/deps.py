@@ -1,9 +1,10 @@
 """FastAPI dependencies: the app's services, and who the caller is.
 
 Authentication runs before the body is parsed, so an unauthenticated caller always gets 401,
-never a hint about what a valid body looks like. The dependencies are `async def` although
-they never await: FastAPI runs plain `def` dependencies in a worker thread, a hop per dependency
-per request that showed up as a millisecond of the gateway's added latency.
+never a hint about what a valid body looks like (not even a 415 for the wrong Content-Type).
+The dependencies are `async def` although they never await: FastAPI runs plain `def`
+dependencies in a worker thread, a hop per dependency per request that showed up as a
+millisecond of the gateway's added latency.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from pydantic import BaseModel, ValidationError
 
 from server.adapter_admin import AdapterAdminService
 from server.engine_monitor import EngineMonitor
-from server.errors import AuthenticationError, PermissionDeniedError, validation_error
+from server.errors import (
+    AuthenticationError,
+    PermissionDeniedError,
+    UnsupportedMediaTypeError,
+    validation_error,
+)
 from server.metrics import Metrics
 from server.serving import GenerationService
 from server.tenants import Principal, Tenant, TenantDirectory
@@ -59,17 +65,39 @@ async def get_principal(
 
 async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
-        raise PermissionDeniedError("this route needs the admin API key")
+        raise PermissionDeniedError("this route needs the admin API key", code="admin_key_required")
     return principal
 
 
 async def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> Tenant:
     if principal.tenant is None:
-        raise PermissionDeniedError("this route needs a tenant API key, not an admin key")
+        raise PermissionDeniedError(
+            "this route needs a tenant API key, not an admin key", code="tenant_key_required"
+        )
     return principal.tenant
 
 
+def _check_json_body(request: Request) -> None:
+    """JSON bodies only (parameters such as `charset` allowed), and never compressed: inflating
+    a body would get around the body-size bound, which counts the bytes received. A body sent
+    with no Content-Type at all is read as JSON, as FastAPI (and so vLLM's server) does."""
+    content_type = request.headers.get("content-type")
+    media_type = content_type.partition(";")[0].strip().lower() if content_type else None
+    if media_type not in (None, "application/json"):
+        raise UnsupportedMediaTypeError(
+            "the request body must be JSON, sent with `Content-Type: application/json`"
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaTypeError(
+            "compressed request bodies are not accepted; send it uncompressed",
+            code="unsupported_content_encoding",
+        )
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
+    """The body as `model`: JSON (415 otherwise), valid (400 naming the field otherwise)."""
+    _check_json_body(request)
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as e:

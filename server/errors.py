@@ -1,13 +1,15 @@
 """Typed errors and the one place they become OpenAI error envelopes.
 
-    LoragateError                 (500 api_error)
-    ├── InvalidRequestError       (400 invalid_request_error)
+    LoragateError                 (500 api_error, code internal_error)
+    ├── InvalidRequestError       (400 invalid_request_error, code invalid_request)
     │   └── ContextLengthError    (400, code context_length_exceeded)
-    ├── AuthenticationError       (401 authentication_error)
-    ├── PermissionDeniedError     (403 permission_error)
-    ├── NotFoundError             (404 not_found_error)
-    ├── PayloadTooLargeError      (413 invalid_request_error)
-    ├── ConflictError             (409 conflict_error)
+    ├── AuthenticationError       (401 authentication_error, code invalid_api_key)
+    ├── PermissionDeniedError     (403 permission_error, code permission_denied)
+    ├── NotFoundError             (404 not_found_error, code not_found)
+    │   └── ModelNotFoundError    (404, code model_not_found)
+    ├── PayloadTooLargeError      (413 invalid_request_error, code payload_too_large)
+    ├── UnsupportedMediaTypeError (415 invalid_request_error, code unsupported_media_type)
+    ├── ConflictError             (409 conflict_error, code adapter_conflict)
     ├── RateLimitError            (429 rate_limit_exceeded, with Retry-After: the tenant's quota)
     ├── EngineError               (502 api_error: the engine answered, but not sensibly)
     ├── EngineUnavailableError    (503 service_unavailable, with Retry-After)
@@ -15,13 +17,16 @@
 
 Services raise these (and `adapters.errors` types, mapped in `_ADAPTER_ERRORS`);
 `register_error_handlers` renders them, framework errors included, so no route ever builds an
-error body itself.
+error body itself. Every envelope has a `code` (never null): the class's default, or what the
+raise site names; `ERROR_CODES` lists the gateway's own (adapter refusals add theirs, and 429s
+name the limit). Validation errors map pydantic's error types onto that set (`_PYDANTIC_CODES`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,10 +47,34 @@ from adapters.errors import (
 logger = logging.getLogger(__name__)
 
 
+# The gateway's error codes (README: Errors). Bound errors from request_bounds, adapter refusals
+# (adapters/) and the limits' names (429) come on top.
+ERROR_CODES = frozenset(
+    {
+        # malformed or refused bodies (400)
+        "invalid_json", "unknown_field", "missing_field", "invalid_type", "invalid_value",
+        "value_out_of_range", "too_long", "too_short", "too_many_items", "too_few_items",
+        "unsupported_parameter", "unsupported_content_type", "tools_not_supported",
+        "chat_template_not_allowed", "invalid_request",
+        # request bounds (400)
+        "too_many_choices", "too_many_stop_sequences", "too_many_messages",
+        "max_tokens_too_large", "min_tokens_too_large", "context_length_exceeded",
+        # who, where, how
+        "invalid_api_key", "admin_key_required", "tenant_key_required", "permission_denied",
+        "model_not_found", "route_not_found", "not_found", "method_not_allowed",
+        "adapter_not_found", "tenant_not_found", "adapter_conflict", "adapter_rejected",
+        "payload_too_large", "unsupported_media_type", "unsupported_content_encoding",
+        # the server's side
+        "engine_error", "engine_unavailable", "server_overloaded", "adapter_store_error",
+        "internal_error",
+    }
+)  # fmt: skip
+
+
 class LoragateError(Exception):
     status_code = 500
     error_type = "api_error"
-    default_code: str | None = None
+    default_code = "internal_error"
 
     def __init__(
         self,
@@ -58,7 +87,7 @@ class LoragateError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code or self.default_code
+        self.code: str = code or self.default_code
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
@@ -71,6 +100,7 @@ class LoragateError(Exception):
 class InvalidRequestError(LoragateError):
     status_code = 400
     error_type = "invalid_request_error"
+    default_code = "invalid_request"
 
 
 class ContextLengthError(InvalidRequestError):
@@ -86,11 +116,13 @@ class AuthenticationError(LoragateError):
 class PermissionDeniedError(LoragateError):
     status_code = 403
     error_type = "permission_error"
+    default_code = "permission_denied"
 
 
 class NotFoundError(LoragateError):
     status_code = 404
     error_type = "not_found_error"
+    default_code = "not_found"
 
 
 class ModelNotFoundError(NotFoundError):
@@ -101,6 +133,14 @@ class PayloadTooLargeError(LoragateError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(LoragateError):
+    """A body that is not `application/json`, or is compressed (`code` says which)."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class ConflictError(LoragateError):
@@ -162,50 +202,98 @@ def sse_error_event(error: LoragateError) -> bytes:
     return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
 
+# What pydantic puts in an error location besides field names, list indexes and dict keys:
+# union members (`constrained-str`, `list[str]`, our own `<list>` tags), validator functions
+# (`function-after[...]`), and dict-key markers (`[key]`).
+_INTERNAL_LOC = re.compile(r"^(<[a-z]+>|[a-z-]+\[.*\]|constrained-[a-z]+|\[key\])$")
+
+_PYDANTIC_CODES = {
+    "extra_forbidden": "unknown_field",
+    "missing": "missing_field",
+    "json_invalid": "invalid_json",
+    "json_type": "invalid_json",
+    "greater_than": "value_out_of_range",
+    "greater_than_equal": "value_out_of_range",
+    "less_than": "value_out_of_range",
+    "less_than_equal": "value_out_of_range",
+    "string_too_long": "too_long",
+    "string_too_short": "too_short",
+    "too_long": "too_many_items",
+    "too_short": "too_few_items",
+    "finite_number": "invalid_value",
+}
+_OWN_CODES = frozenset(
+    {
+        "invalid_type", "invalid_value", "missing_field", "unsupported_parameter",
+        "unsupported_content_type", "tools_not_supported", "chat_template_not_allowed",
+    }
+)  # fmt: skip
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """The field path as the caller wrote it: names and indexes, no pydantic internals."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and _INTERNAL_LOC.match(p))]
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
     return ".".join(parts) or None
 
 
+def _code_for(kind: str) -> str:
+    if kind in _PYDANTIC_CODES:
+        return _PYDANTIC_CODES[kind]
+    if kind in _OWN_CODES:
+        return kind
+    if kind.endswith("_type") or kind in ("int_from_float", "union_tag_invalid", "none_required"):
+        return "invalid_type"
+    return "invalid_value"
+
+
 def validation_error(errors: Sequence[Any]) -> InvalidRequestError:
-    """The first pydantic error as a 400 naming the offending field."""
+    """The first pydantic error as a 400 naming the offending field, with a stable code."""
     first = errors[0] if errors else {}
     param = _param_from_loc(tuple(first.get("loc", ())))
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
+    kind = str(first.get("type", ""))
+    code = _code_for(kind)
+    if code == "unknown_field":
         message = f"unknown field {param!r}"
-    elif kind == "missing":
+    elif code == "missing_field" and kind == "missing":
         message = f"missing required field {param!r}"
-    elif kind == "json_invalid":
+    elif code == "invalid_json":
         message = "the request body is not valid JSON"
         param = None
+    elif param is None:
+        message = f"invalid request body: {first.get('msg', 'invalid')}"
     else:
         message = f"invalid value for {param!r}: {first.get('msg', 'invalid')}"
-    return InvalidRequestError(message, param=param, code=kind or None)
+    return InvalidRequestError(message, param=param, code=code)
 
 
-_STATUS_TO_ERROR: dict[int, type[LoragateError]] = {
-    400: InvalidRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    413: PayloadTooLargeError,
+# Framework errors (routing, mostly): the class, and the code when the class's default is wrong.
+_STATUS_TO_ERROR: dict[int, tuple[type[LoragateError], str | None]] = {
+    400: (InvalidRequestError, None),
+    401: (AuthenticationError, None),
+    403: (PermissionDeniedError, None),
+    404: (NotFoundError, "route_not_found"),
+    405: (InvalidRequestError, "method_not_allowed"),
+    413: (PayloadTooLargeError, None),
+    415: (UnsupportedMediaTypeError, None),
 }
 
 
 def _adapter_error(exc: AdapterError) -> LoragateError:
-    for cls, error_cls in _ADAPTER_ERRORS:
+    for cls, error_cls, default_code in _ADAPTER_ERRORS:
         if isinstance(exc, cls):
-            return error_cls(exc.message, param=exc.param, code=exc.code)
-    return LoragateError(exc.message, code=exc.code)
+            return error_cls(exc.message, param=exc.param, code=exc.code or default_code)
+    return LoragateError(exc.message, code=exc.code or "adapter_store_error")
 
 
-# Most specific first: the adapters package's errors, rendered by the same envelope.
-_ADAPTER_ERRORS: tuple[tuple[type[AdapterError], type[LoragateError]], ...] = (
-    (AdapterTooLargeError, PayloadTooLargeError),
-    (AdapterRejectedError, InvalidRequestError),
-    (AdapterNotFoundError, NotFoundError),
-    (AdapterConflictError, ConflictError),
+# Most specific first: the adapters package's errors, rendered by the same envelope, with the
+# code used when the raise site names none.
+_ADAPTER_ERRORS: tuple[tuple[type[AdapterError], type[LoragateError], str], ...] = (
+    (AdapterTooLargeError, PayloadTooLargeError, "payload_too_large"),
+    (AdapterRejectedError, InvalidRequestError, "adapter_rejected"),
+    (AdapterNotFoundError, NotFoundError, "adapter_not_found"),
+    (AdapterConflictError, ConflictError, "adapter_conflict"),
 )
 
 
@@ -226,10 +314,11 @@ def register_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        cls = _STATUS_TO_ERROR.get(exc.status_code, LoragateError)
-        error = cls(str(exc.detail))
+        cls, code = _STATUS_TO_ERROR.get(exc.status_code, (LoragateError, None))
+        error = cls(str(exc.detail), code=code)
         response = error_response(error)
         response.status_code = exc.status_code  # e.g. 405 keeps its own status
+        response.headers.update(exc.headers or {})  # 405's Allow
         return response
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
