@@ -11,10 +11,10 @@
 
    Per scenario: requests ok / failed, p50 and p95 time to first token, output tokens/s,
    their ratios to `base`, and how many adapter loads / unloads the gateway did meanwhile
-   (`loragate_adapter_{loads,unloads}_total{result="ok"}` from `GET /metrics`, before
-   and after). The scenarios run in that order without a reset, so an adapter scenario
-   starts with whatever the previous one left loaded (`--warmup` base-model requests run
-   once, unmeasured, before the first scenario).
+   (`loragate_adapter_{loads,unloads}_total{result="ok"}` from the gateway's metrics
+   listener, `--metrics-url`, before and after). The scenarios run in that order without a
+   reset, so an adapter scenario starts with whatever the previous one left loaded
+   (`--warmup` base-model requests run once, unmeasured, before the first scenario).
 
 2. Cold path, one request in flight, `max_tokens` 8, each case `--repeats` times
    (median reported), the cases interleaved per repeat:
@@ -96,6 +96,7 @@ progress = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDT
 @dataclass(frozen=True)
 class Options:
     url: str
+    metrics_url: str
     api_key: str
     admin_key: str
     tenant: str
@@ -225,6 +226,8 @@ class Gateway:
             headers={"Authorization": f"Bearer {options.admin_key}"},
             timeout=httpx.Timeout(bench.REQUEST_TIMEOUT_S, connect=bench.CONNECT_TIMEOUT_S),
         )
+        self.metrics = httpx.AsyncClient(timeout=bench.CONNECT_TIMEOUT_S)
+        self.metrics_url = options.metrics_url
         self.created: list[str] = []
 
     async def ready(self) -> None:
@@ -233,7 +236,7 @@ class Gateway:
             raise RuntimeError(f"gateway not ready: HTTP {response.status_code} {response.text}")
 
     async def counts(self) -> LoadCounts:
-        response = await self.client.get("/metrics")
+        response = await self.metrics.get(self.metrics_url)
         response.raise_for_status()
         found = {kind: int(float(value)) for kind, value in METRIC.findall(response.text)}
         return LoadCounts(found.get("loads", 0), found.get("unloads", 0))
@@ -263,6 +266,7 @@ class Gateway:
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.admin.aclose()
+        await self.metrics.aclose()
 
 
 # --- adapters ----------------------------------------------------------------------------------
@@ -530,6 +534,9 @@ def write_json(
 
 
 UrlOpt = Annotated[str, typer.Option(help="The gateway's base URL.")]
+MetricsUrlOpt = Annotated[
+    str, typer.Option(help="The gateway's metrics listener (LORAGATE_METRICS__HOST / __PORT).")
+]
 KeyOpt = Annotated[str, typer.Option(help="The tenant's API key.")]
 AdminKeyOpt = Annotated[str, typer.Option(help="The operator's (admin) API key.")]
 TenantOpt = Annotated[str, typer.Option(help="The tenant that owns --api-key.")]
@@ -549,6 +556,7 @@ JsonOpt = Annotated[Path | None, typer.Option(help="Also write every number to t
 
 def main(
     url: UrlOpt = "http://127.0.0.1:8000",
+    metrics_url: MetricsUrlOpt = "http://127.0.0.1:9464/metrics",
     api_key: KeyOpt = "sk-dev-acme",
     admin_key: AdminKeyOpt = "sk-dev-admin",
     tenant: TenantOpt = "acme",
@@ -565,7 +573,7 @@ def main(
 ) -> None:
     """Adapter mix throughput and cold-path first-token latency of one loragate gateway."""
     options = Options(
-        url.rstrip("/"), api_key, admin_key, tenant, model, concurrency, requests,
+        url.rstrip("/"), metrics_url, api_key, admin_key, tenant, model, concurrency, requests,
         max_tokens, prompt_tokens, warmup, max_loaded, repeats, seed,
     )  # fmt: skip
     tag = secrets.token_hex(3)

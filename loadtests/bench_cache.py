@@ -245,6 +245,7 @@ def main(
     def env(name: str, **extra: str) -> dict[str, str]:
         return {
             "LORAGATE_PORT": str(ports[name]),
+            "LORAGATE_METRICS__PORT": "0",  # a free one each: three gateways share this host
             "LORAGATE_TENANTS_FILE": str(tmp / "tenants.yaml"),
             "LORAGATE_CACHE_DIR": str(tmp / name),
             "LORAGATE_MODEL__PATH": str(model_path),

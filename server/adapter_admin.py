@@ -30,7 +30,8 @@ from adapters.store import AdapterStore
 from adapters.types import ADAPTER_NAME, AdapterRecord, BaseModelSpec
 from adapters.validation import ValidationLimits, check_upload_filename, validate_adapter
 from server.engine_adapters import EngineAdapters
-from server.metrics import Metrics
+from server.log_format import escape_controls as esc
+from server.metrics import Metrics, adapter_label
 from server.tenants import TenantDirectory
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class AdapterAdminService:
 
     def _check_names(self, tenant: str, name: str | None = None) -> None:
         if self._tenants.tenant(tenant) is None:
-            raise AdapterNotFoundError(f"tenant `{tenant}` does not exist", param="tenant")
+            raise AdapterNotFoundError(
+                f"tenant `{tenant}` does not exist", param="tenant", code="tenant_not_found"
+            )
         if name is not None and not ADAPTER_NAME.fullmatch(name):
             raise AdapterRejectedError(
                 "adapter names are 1-63 chars: lowercase letters, digits, '.', '_' or '-', "
@@ -95,7 +98,11 @@ class AdapterAdminService:
             result = await asyncio.to_thread(self._upload, tenant, name, config, weights, replace)
         except AdapterError as e:
             self._metrics.adapter_uploads.labels(_failure_label(e)).inc()
-            logger.warning("adapter upload %s/%s refused: %s", tenant, name, e.message)
+            # The names come from the URL and the message may quote the upload: escaped, so
+            # neither can forge a log line (the formatter escapes too; this holds without it).
+            logger.warning(
+                "adapter upload %s/%s refused: %s", esc(tenant), esc(name), esc(e.message)
+            )
             raise
         self._metrics.adapter_uploads.labels(result[0].name.lower()).inc()
         return result
@@ -134,8 +141,9 @@ class AdapterAdminService:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
         logger.info(
-            "adapter %s/%s %s (digest %s)", tenant, name, result.name.lower(), info.digest[:12]
-        )
+            "adapter %s/%s %s (digest %s)",
+            esc(tenant), esc(name), result.name.lower(), info.digest[:12],
+        )  # fmt: skip
         return result, stored
 
     async def list(self, tenant: str) -> list[AdapterRecord]:
@@ -152,7 +160,9 @@ class AdapterAdminService:
     async def delete(self, tenant: str, name: str) -> AdapterRecord:
         self._check_names(tenant, name)
         record = await asyncio.to_thread(self._delete, tenant, name)
-        logger.info("adapter %s/%s deleted", tenant, name)
+        # Its series would otherwise stay in every scrape for the life of the process.
+        self._metrics.forget_model(adapter_label(record.tenant, record.name))
+        logger.info("adapter %s/%s deleted", esc(tenant), esc(name))
         return record
 
     def _delete(self, tenant: str, name: str) -> AdapterRecord:

@@ -43,7 +43,7 @@ from server.routes import admin_adapters, openai_api, probes
 from server.serving import GenerationService
 from server.settings import Settings
 from server.tenant_limits import TenantLimiter
-from server.tenants import TenantDirectory, TenantsFileError
+from server.tenants import TenantDirectory, open_tenants_file
 from server.token_count import TokenCounter
 from server.vllm_engine import VllmEngine
 
@@ -61,12 +61,11 @@ def vllm_engine_at(settings: Settings, base_url: str) -> VllmEngine:
 
 
 def load_tenants(settings: Settings) -> TenantDirectory:
-    if settings.tenants_file is None:
-        raise TenantsFileError(
-            "LORAGATE_TENANTS_FILE is not set; `make serve` uses the dev file "
-            "deploy/dev/tenants.dev.yaml"
-        )
-    tenants = TenantDirectory.load(settings.tenants_file)
+    """The tenants file; a dev file is refused on a non-loopback host unless allowed
+    (`open_tenants_file`), and warned about whenever it is served."""
+    tenants = open_tenants_file(
+        settings.tenants_file, settings.host, allow_dev=settings.allow_dev_tenants
+    )
     if tenants.is_dev:
         logger.warning(DEV_TENANTS_WARNING)
     return tenants
@@ -119,7 +118,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tenants = load_tenants(settings)
         process, the_engine = _make_engine(settings, engine)
-        monitor = EngineMonitor(the_engine, settings.engine, metrics, process, on_fatal)
+        monitor = EngineMonitor(
+            the_engine, settings.engine, settings.model, metrics, process, on_fatal
+        )
         monitor_task: asyncio.Task[None] | None = None
         redis_link, result_store, limiter = shared_state(settings, metrics)
         store = LocalAdapterStore(settings.store_path)
@@ -165,6 +166,7 @@ def create_app(
                 await process.stop()
 
     app = FastAPI(title="loragate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics  # `loragate serve` serves its registry on the metrics listener
     register_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(probes.router)

@@ -12,11 +12,13 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from server.cli_adapters import adapters_app
+from server.log_format import EscapingFormatter
 from server.model_prepare import ModelPrepareError, prepare_default_model
 from server.settings import Settings
-from server.tenants import hash_api_key
+from server.tenants import TenantsFileError, hash_api_key, open_tenants_file
 
 app = typer.Typer(help="loragate: many LoRA adapters on one shared LLM, behind the OpenAI API.")
 model_app = typer.Typer(help="The base model.")
@@ -33,25 +35,24 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v not in (None, {})})
     except ValidationError as e:
-        err.print(f"[red]invalid settings:[/red] {e}")
+        err.print(f"[red]invalid settings:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    """Every record to stderr, one line each: control characters in any message are escaped,
+    so nothing a caller sends (an adapter name from a URL) can forge a log line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # One line per engine call would drown the log; failures are logged where they are handled.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [env LORAGATE_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env LORAGATE_PORT].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (env LORAGATE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (env LORAGATE_PORT).")] = None,
     engine_url: Annotated[
         str | None,
         typer.Option(help="Use an engine run elsewhere instead of starting one locally."),
@@ -60,15 +61,46 @@ def serve(
         bool | None,
         typer.Option("--restart-engine", help="Restart the local engine if it dies."),
     ] = None,
+    allow_dev_tenants: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-dev-tenants",
+            help="Serve a `dev: true` tenants file (public keys) on a non-loopback host anyway "
+            "(env LORAGATE_ALLOW_DEV_TENANTS).",
+        ),
+    ] = None,
 ) -> None:
-    """Start the local engine (unless --engine-url), wait until it is healthy, serve the API."""
+    """Start the local engine (unless --engine-url), wait until it is healthy, serve the API;
+    metrics on their own listener (LORAGATE_METRICS__HOST / __PORT)."""
     engine: dict[str, Any] = {"url": engine_url, "restart": restart_engine}
     settings = load_settings(
-        host=host, port=port, engine={k: v for k, v in engine.items() if v is not None}
+        host=host,
+        port=port,
+        allow_dev_tenants=allow_dev_tenants,
+        engine={k: v for k, v in engine.items() if v is not None},
     )
     configure_logging(settings.log_level)
+    check_tenants_file(settings)
+    raise typer.Exit(run_server(settings))
+
+
+def check_tenants_file(settings: Settings) -> None:
+    """Refuse a missing or invalid tenants file, or a dev one on a reachable host, before
+    anything listens or starts; the lifespan checks again (it also serves tests)."""
+    try:
+        open_tenants_file(
+            settings.tenants_file, settings.host, allow_dev=settings.allow_dev_tenants
+        )
+    except TenantsFileError as e:
+        err.print(f"[red]cannot start:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
+
+
+def run_server(settings: Settings) -> int:
+    """The metrics listener, then the gateway until it stops; the exit code."""
     # Imported here so `loragate model prepare` does not pay for the web stack.
     from server.app import create_app
+    from server.metrics_server import MetricsListenerError, start_metrics_listener
 
     exit_code = 0
     server: uvicorn.Server | None = None
@@ -79,8 +111,14 @@ def serve(
         if server is not None:
             server.should_exit = True
 
+    gateway = create_app(settings, on_fatal=on_fatal)
+    try:  # bound before the engine starts: a taken port fails fast
+        listener = start_metrics_listener(gateway.state.metrics.registry, settings.metrics)
+    except MetricsListenerError as e:
+        err.print(f"[red]start-up failed:[/red] {escape(str(e))}")
+        return 3
     config = uvicorn.Config(
-        create_app(settings, on_fatal=on_fatal),
+        gateway,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -88,10 +126,13 @@ def serve(
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    finally:  # after SIGTERM uvicorn re-raises it instead: the process ends, and the thread
+        listener.close()
     if not server.started:
-        raise typer.Exit(3)  # start-up failed: the lifespan logged why
-    raise typer.Exit(exit_code)
+        return 3  # start-up failed: the lifespan logged why
+    return exit_code
 
 
 @model_app.command("prepare")
@@ -105,7 +146,7 @@ def model_prepare(
         try:
             prepared = prepare_default_model(target, force=force, progress=status.update)
         except ModelPrepareError as e:
-            err.print(f"[red]model prepare failed:[/red] {e}")
+            err.print(f"[red]model prepare failed:[/red] {escape(str(e))}")
             raise typer.Exit(1) from e
     verb = "built" if prepared.built else "already there, verified"
     digest = prepared.weights_sha256[:16]

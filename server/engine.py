@@ -7,10 +7,31 @@ API, so the gateway treats them alike through this protocol. Implementations rai
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 GenerationKind = Literal["chat", "completions"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def printable(text: str, limit: int) -> str:
+    """Engine-supplied text made fit to show a caller or a log: control characters (newlines
+    included, so a log line stays one line) become a space, and it is cut to `limit`."""
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of the engine's model list. `parent` is set for an adapter (the base model it
+    runs on), None for a base model; `max_model_len` is None when the engine reports none."""
+
+    id: str
+    max_model_len: int | None = None
+    parent: str | None = None
 
 
 class EngineStream(Protocol):
@@ -23,6 +44,11 @@ class EngineStream(Protocol):
 
 class Engine(Protocol):
     async def health(self) -> bool: ...
+
+    async def served_models(self) -> list[ServedModel]:
+        """What the engine serves now, base models and loaded adapters; raises an
+        `EngineUnavailableError` or `EngineError` when the list cannot be read."""
+        ...
 
     async def generate(self, kind: GenerationKind, body: dict[str, Any]) -> dict[str, Any]: ...
 

@@ -1,8 +1,11 @@
-"""Whether the engine can serve right now, and what happens when a local engine dies.
+"""Whether the engine can serve right now and, when not, why; and what happens when a local
+engine dies.
 
-`ready` is what /readyz reports and what requests check before touching the engine. It is set by
-a periodic health check, and cleared at once when a request finds the engine unreachable or the
-local engine process exits. A dead local engine is restarted, or the gateway is told to exit
+`ready` is what /readyz reports and what requests check before touching the engine. The engine is
+ready when its /health answers and, read each time it comes up (start-up, every return from
+unreachable or unhealthy, a local restart), its model list serves our base model with at least
+our context length. Readiness is cleared at once when a request finds the engine unreachable or
+the local engine process exits. A dead local engine is restarted, or the gateway is told to exit
 non-zero after a grace period of answering 503.
 """
 
@@ -10,16 +13,63 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from server.engine import Engine
+from server.engine import Engine, ServedModel, printable
+from server.engine_adapters import ENGINE_NAME_PREFIX
 from server.engine_process import EngineProcess, EngineStartError
+from server.errors import EngineUnavailableError, LoragateError
 from server.metrics import Metrics
-from server.settings import EngineSettings
+from server.settings import EngineSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 5.0
+MAX_LISTED_MODELS = 5
+MAX_MODEL_NAME_CHARS = 64
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """Why the gateway does not serve: `code` is the 503's stable code, `message` says why and
+    names nothing but base models."""
+
+    code: str
+    message: str
+
+
+STARTING = NotReady("engine_unavailable", "the engine is starting")
+UNREACHABLE = NotReady("engine_unavailable", "the engine is not reachable or not healthy")
+EXITED = NotReady("engine_unavailable", "the engine process exited")
+
+
+def is_base_model(model: ServedModel) -> bool:
+    # vLLM lists loaded adapters beside the base model; an adapter's name must never be shown.
+    return model.parent is None and not model.id.startswith(ENGINE_NAME_PREFIX)
+
+
+def check_served(served: Sequence[ServedModel], model: ModelSettings) -> NotReady | None:
+    """None when the engine serves `model.name` with a context of at least `model.max_model_len`
+    (or reports none), else the reason it cannot serve us."""
+    bases = [m for m in served if is_base_model(m)]
+    ours = next((m for m in bases if m.id == model.name), None)
+    if ours is None:
+        names = [f"`{printable(m.id, MAX_MODEL_NAME_CHARS)}`" for m in bases[:MAX_LISTED_MODELS]]
+        if len(bases) > MAX_LISTED_MODELS:
+            names.append(f"{len(bases) - MAX_LISTED_MODELS} more")
+        serves = ", ".join(names) or "no base model"
+        return NotReady(
+            "engine_model_mismatch",
+            f"the engine does not serve the base model `{model.name}`; it serves {serves}",
+        )
+    if ours.max_model_len is not None and ours.max_model_len < model.max_model_len:
+        return NotReady(
+            "engine_context_too_short",
+            f"the engine serves `{model.name}` with max_model_len {ours.max_model_len}, "
+            f"below the configured {model.max_model_len}",
+        )
+    return None
 
 
 class EngineMonitor:
@@ -27,39 +77,81 @@ class EngineMonitor:
         self,
         engine: Engine,
         settings: EngineSettings,
+        model: ModelSettings,
         metrics: Metrics,
         process: EngineProcess | None = None,
         on_fatal: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._settings = settings
+        self._model = model
         self._metrics = metrics
         self._process = process
         self._on_fatal = on_fatal
-        self._ready = False
+        # Invariant: `_models_checked` is False whenever the engine was last seen down, so the
+        # model list is read again when it comes back; `_epoch` counts those sightings, so a
+        # check that began before one does not declare the engine ready.
+        self._reason: NotReady | None = STARTING
+        self._models_checked = False
+        self._epoch = 0
         self.fatal = False
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._reason is None
 
-    def _set_ready(self, ready: bool) -> None:
-        if ready != self._ready:
-            logger.log(
-                logging.INFO if ready else logging.WARNING,
-                "engine is %s",
-                "ready" if ready else "NOT ready",
-            )
-        self._ready = ready
-        self._metrics.engine_up.set(1 if ready else 0)
+    @property
+    def reason(self) -> NotReady | None:
+        return self._reason
+
+    def ensure_ready(self) -> None:
+        """Raise the 503 that says why the engine cannot serve, unless it can."""
+        reason = self._reason
+        if reason is not None:
+            raise EngineUnavailableError(reason.message, code=reason.code)
+
+    def _set_reason(self, reason: NotReady | None) -> None:
+        if reason != self._reason:  # one log line per change, not one per poll
+            if reason is None:
+                logger.info("engine is ready")
+            else:
+                level = logging.WARNING if reason.code == "engine_unavailable" else logging.ERROR
+                logger.log(level, "engine is NOT ready (%s): %s", reason.code, reason.message)
+        self._reason = reason
+        self._metrics.engine_up.set(1 if reason is None else 0)
+
+    def _seen_down(self, reason: NotReady) -> None:
+        self._epoch += 1
+        self._models_checked = False
+        self._set_reason(reason)
 
     def mark_unreachable(self) -> None:
         """A request found the engine unreachable: stop sending it work until it is healthy."""
-        self._set_ready(False)
+        self._seen_down(UNREACHABLE)
 
     async def check_now(self) -> bool:
-        self._set_ready(await self._engine.health())
-        return self._ready
+        """Poll /health; when the engine has just come up, read its model list too."""
+        epoch = self._epoch
+        healthy = await self._engine.health()
+        if epoch != self._epoch:
+            return self.ready  # seen down meanwhile: the next poll decides
+        if not healthy:
+            self._seen_down(UNREACHABLE)
+        elif not self._models_checked:
+            reason, definitive = await self._check_models()
+            if epoch == self._epoch:
+                self._models_checked = definitive
+                self._set_reason(reason)
+        return self.ready
+
+    async def _check_models(self) -> tuple[NotReady | None, bool]:
+        """The reason the engine cannot serve us (None: it can), and whether that is the
+        engine's answer (a list that could not be read is asked for again on the next poll)."""
+        try:
+            served = await self._engine.served_models()
+        except LoragateError as e:
+            return NotReady("engine_unavailable", f"model list unread: {e.message}"), False
+        return check_served(served, self._model), True
 
     async def run(self) -> None:
         """Poll until cancelled (the lifespan owns this task)."""
@@ -79,7 +171,7 @@ class EngineMonitor:
 
     async def _on_engine_exit(self, code: int) -> None:
         assert self._process is not None
-        self._set_ready(False)
+        self._seen_down(EXITED)
         logger.error("engine process exited with code %s", code)
         await self._process.stop()  # reap whatever of its process group outlived it
         if self._settings.restart:

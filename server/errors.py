@@ -65,7 +65,8 @@ ERROR_CODES = frozenset(
         "adapter_not_found", "tenant_not_found", "adapter_conflict", "adapter_rejected",
         "payload_too_large", "unsupported_media_type", "unsupported_content_encoding",
         # the server's side
-        "engine_error", "engine_unavailable", "server_overloaded", "adapter_store_error",
+        "engine_error", "engine_unavailable", "engine_model_mismatch", "engine_context_too_short",
+        "server_overloaded", "adapter_store_error",
         "internal_error",
     }
 )  # fmt: skip
@@ -170,8 +171,14 @@ class EngineUnavailableError(LoragateError):
     error_type = "service_unavailable"
     default_code = "engine_unavailable"
 
-    def __init__(self, message: str = "the engine is not ready", retry_after_s: int = 5) -> None:
-        super().__init__(message, retry_after_s=retry_after_s)
+    def __init__(
+        self,
+        message: str = "the engine is not ready",
+        retry_after_s: int = 5,
+        *,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 class ServerOverloadedError(LoragateError):

@@ -3,7 +3,8 @@
 Shipped as real code for fast tests and for measuring the gateway alone: served from a thread of
 the test process, or as a process (`python -m server.fake_engine --port P`), which is what
 `LORAGATE_ENGINE__KIND=fake` starts. Its answer echoes the last prompt word by word, one "token"
-each; knobs set latency and failures. It never stands in for vLLM in the end-to-end tier.
+each; knobs set the served model, latency and failures. It never stands in for vLLM in the
+end-to-end tier.
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 @dataclass
 class FakeEngineKnobs:
-    model: str = "fake-model"
+    model: str = "fake-model"  # the base model's served name
+    # What /v1/models reports for the base model (None: no max_model_len, which vLLM always has).
+    max_model_len: int | None = 2048
     ttft_s: float = 0.0
     token_interval_s: float = 0.0
     fail_status: int | None = None  # answer every generation request with this status
     load_s: float = 0.0  # how long an adapter load takes
     healthy: bool = True
+    models_status: int | None = None  # answer /v1/models with this status instead of the list
 
 
 @dataclass
 class FakeEngineStats:
     generate_calls: int = 0
+    model_list_calls: int = 0
     loads: int = 0
     unloads: int = 0
     # engine name -> adapter path, like vLLM's runtime-loaded LoRA table
@@ -159,9 +164,21 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
         return JSONResponse({}, status_code=200 if knobs.healthy else 503)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {"id": knobs.model, "object": "model", "created": 0, "owned_by": "fake"}
-        return {"object": "list", "data": [card]}
+    async def models() -> Any:
+        stats.model_list_calls += 1
+        if knobs.models_status:
+            return _error(knobs.models_status, "fake failure")
+        # vLLM's shape: the base model with its max_model_len, then each loaded adapter with
+        # `root` (its path) and `parent` (the base model).
+        card: dict[str, Any] = {"object": "model", "created": 0, "owned_by": "fake"}
+        base = {**card, "id": knobs.model, "root": knobs.model, "parent": None}
+        if knobs.max_model_len is not None:
+            base["max_model_len"] = knobs.max_model_len
+        adapters = [
+            {**card, "id": name, "root": path, "parent": knobs.model}
+            for name, path in stats.adapters.items()
+        ]
+        return {"object": "list", "data": [base, *adapters]}
 
     async def generate(request: Request) -> Any:
         stats.generate_calls += 1
@@ -170,7 +187,11 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
             return _error(knobs.fail_status, "fake failure")
         model = body.get("model")
         if model != knobs.model and model not in stats.adapters:
-            return _error(404, f"The model `{model}` does not exist.", param="model")
+            # vLLM's message lists the names it serves; the adapters too, here, so a test sees
+            # the gateway keep every engine-side name from the caller.
+            aliases = ", ".join([knobs.model, *stats.adapters])
+            message = f"The model `{model}` does not exist. Valid aliases: {aliases}."
+            return _error(404, message, param="model")
         tokens = fake_tokens(body)
         if model != knobs.model:
             # An adapter's answer differs from the base's, deterministically per adapter path.
@@ -218,11 +239,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="fake-model")
+    # Unset by default: a fake started for any configured context length is ready with it.
+    parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--token-ms", type=float, default=0.0)
     args = parser.parse_args()
     knobs = FakeEngineKnobs(
-        model=args.model, ttft_s=args.ttft_ms / 1000, token_interval_s=args.token_ms / 1000
+        model=args.model,
+        max_model_len=args.max_model_len,
+        ttft_s=args.ttft_ms / 1000,
+        token_interval_s=args.token_ms / 1000,
     )
     uvicorn.run(create_fake_engine_app(knobs), host=args.host, port=args.port, log_level="warning")
 

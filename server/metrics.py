@@ -31,6 +31,11 @@ LATENCY_BUCKETS = (
 )
 
 
+def adapter_label(tenant: str, adapter: str) -> str:
+    """The `model` label of an adapter's generation series."""
+    return f"{tenant}/{adapter}"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -176,3 +181,10 @@ class Metrics:
             ["engine", "reason"],
             registry=r,
         )
+
+    def forget_model(self, label: str) -> None:
+        """Drop the generation series of `label` (a deleted adapter's), every token kind too,
+        so the exposition does not grow with every adapter ever served. A request still running
+        on the deleted adapter when it finishes counts into a fresh series."""
+        self.generation_requests.remove_by_labels({"model": label})
+        self.generation_tokens.remove_by_labels({"model": label})

@@ -29,7 +29,7 @@ from server.errors import (
     LoragateError,
     ModelNotFoundError,
 )
-from server.metrics import Metrics
+from server.metrics import Metrics, adapter_label
 from server.protocol import (
     ChatCompletionRequest,
     GenerationRequest,
@@ -215,8 +215,7 @@ class GenerationService:
     ) -> tuple[TokenReservation, AdapterLease | None]:
         """Take what an engine request holds, each released on `stack`: the tenant's token and
         concurrency quota (429), a turn on the engine (503), a pin on the adapter."""
-        if not self._monitor.ready:
-            raise EngineUnavailableError()
+        self._monitor.ensure_ready()
         reservation = await self._limiter.reserve(tenant, job.budget.most_tokens)
 
         async def settle(
@@ -308,7 +307,7 @@ class GenerationService:
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
             )
-        return Target(model, f"{tenant.name}/{model}", record)
+        return Target(model, adapter_label(tenant.name, model), record)
 
     async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
         target = await self._resolve(tenant, request.model)

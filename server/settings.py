@@ -116,6 +116,15 @@ class AdmissionSettings(BaseModel):
     queue_timeout_s: float = Field(30, gt=0, le=3600)
 
 
+class MetricsSettings(BaseModel):
+    """The Prometheus listener, apart from the public port: its series name every tenant and
+    adapter, and it has no key. Bind it where only the scraper reaches it."""
+
+    host: str = Field("127.0.0.1", min_length=1, max_length=255)
+    # 0 picks a free port (logged at start): for several gateways on one host, e.g. in tests.
+    port: int = Field(9464, ge=0, le=65535)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAGATE_", env_nested_delimiter="__", extra="forbid"
@@ -131,6 +140,9 @@ class Settings(BaseSettings):
     # idle one is unloaded to make room.
     max_loaded_adapters: int = Field(8, ge=1, le=1024)
     tenants_file: Path | None = None
+    # A tenants file marked `dev: true` (public keys) is refused on a non-loopback `host`
+    # unless this says the exposure is meant (`loragate serve --allow-dev-tenants`).
+    allow_dev_tenants: bool = False
     # Shared cache, coalescing and tenant limits across gateway replicas; unset: in-process only.
     redis_url: RedisDsn | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -142,6 +154,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @property
     def model_path(self) -> Path:

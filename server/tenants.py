@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ KeyDigests = Annotated[list[str], Field(min_length=1, max_length=64)]
 
 class TenantsFileError(ValueError):
     """The tenants file is missing, unreadable or invalid."""
+
+
+class DevTenantsExposedError(TenantsFileError):
+    """A dev tenants file (public keys) would be served on a non-loopback address."""
 
 
 def hash_api_key(key: str) -> str:
@@ -132,3 +137,38 @@ class TenantDirectory:
 
     def tenant(self, name: str) -> Tenant | None:
         return self._tenants.get(name)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a bind address reaches this machine only: 127.0.0.0/8, ::1 (also IPv4-mapped)
+    or `localhost`. Every other name counts as reachable: `0.0.0.0`, `::` and "" bind every
+    interface, and what another host name resolves to can change."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def open_tenants_file(path: Path | None, host: str, *, allow_dev: bool) -> TenantDirectory:
+    """Load the tenants file the gateway will serve on `host`. A dev file (`dev: true`, keys
+    published in the README) is refused there unless `host` is loopback or `allow_dev` is set:
+    its keys would give anyone who reaches the port a tenant's and the operator's access."""
+    if path is None:
+        raise TenantsFileError(
+            "LORAGATE_TENANTS_FILE is not set; `make serve` uses the dev file "
+            "deploy/dev/tenants.dev.yaml"
+        )
+    directory = TenantDirectory.load(path)
+    if directory.is_dev and not allow_dev and not is_loopback_host(host):
+        raise DevTenantsExposedError(
+            f"refusing to serve the dev tenants file {path} (`dev: true`, its API keys are "
+            f"public) on {host!r}, which is not a loopback address. Use your own tenants file "
+            "(`loragate keys new`), bind 127.0.0.1, or pass --allow-dev-tenants "
+            "(LORAGATE_ALLOW_DEV_TENANTS=true) if exposing it is really meant."
+        )
+    return directory

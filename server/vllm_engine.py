@@ -2,20 +2,23 @@
 
 The client is aiohttp: on the hot path (one streamed request per call, an event per token) it
 costs half the CPU of httpx per streamed request here, which is most of what the gateway adds.
-Transport errors and engine error statuses are translated here, once, into `server.errors` types.
+Transport errors and engine error statuses are translated here, once, into `server.errors` types;
+no engine error text reaches a caller unfiltered (see `translate_error_status`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
-from server.engine import EngineStream, GenerationKind
+from server.engine import EngineStream, GenerationKind, ServedModel, printable
 from server.errors import (
+    ContextLengthError,
     EngineError,
     EngineUnavailableError,
     InvalidRequestError,
@@ -28,7 +31,16 @@ PATHS: dict[GenerationKind, str] = {
     "completions": "/v1/completions",
 }
 MAX_ERROR_BODY_BYTES = 64 << 10
+MAX_ERROR_MESSAGE_CHARS = 500
+MAX_MODEL_LIST_BYTES = 1 << 20
 HEALTH_TIMEOUT_S = 5.0
+MODEL_LIST_TIMEOUT_S = 5.0
+
+# What an engine's message may say that a caller must not see: the engine-side names of adapters
+# (`lg-<digest>`: whose adapter it is, and that it is loaded) and local paths (the store's layout).
+_ADAPTER_ENGINE_NAME = re.compile(r"""[`'"]?\blg-[0-9a-fA-F]+\b[`'"]?""")
+_LOCAL_PATH = re.compile(r"""(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'"`,;()\[\]{}<>]+""")
+_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]]{0,63}")
 
 
 def translate_transport_error(error: BaseException) -> LoragateError:
@@ -41,21 +53,78 @@ def translate_transport_error(error: BaseException) -> LoragateError:
     return EngineError(f"engine request failed: {type(error).__name__}")
 
 
-def translate_error_status(status: int, content: bytes) -> LoragateError:
-    message, param = f"the engine answered {status}", None
+def redact_engine_message(message: str) -> str:
+    """An engine's error message fit for the caller: no adapter engine names, no local paths,
+    no control characters, bounded."""
+    message = message[: MAX_ERROR_MESSAGE_CHARS * 4]  # bounds the regexes' work
+    message = _ADAPTER_ENGINE_NAME.sub("<adapter>", message)
+    message = _LOCAL_PATH.sub("<path>", message)
+    return printable(message, MAX_ERROR_MESSAGE_CHARS)
+
+
+def _engine_error_fields(content: bytes) -> tuple[str | None, str | None]:
+    """The message and param of an OpenAI error envelope, when the body is one."""
     try:
         error = json.loads(content[:MAX_ERROR_BODY_BYTES]).get("error", {})
-        message = str(error.get("message") or message)[:2000]
-        param = error.get("param") if isinstance(error.get("param"), str) else None
+        message, param = error.get("message"), error.get("param")
     except (ValueError, AttributeError):
-        pass
+        return None, None
+    message = message if isinstance(message, str) and message else None
+    param = param if isinstance(param, str) and _PARAM.fullmatch(param) else None
+    return message, param
+
+
+def translate_error_status(status: int, content: bytes) -> LoragateError:
+    """An engine error status as our error. Only a 400/422 passes the engine's message on (it is
+    about the caller's request), redacted; a 404 gets our own message (vLLM's lists the names it
+    serves, other tenants' adapters included); any other status never shows the engine's text."""
     if status in (400, 422):
-        return InvalidRequestError(message, param=param)
+        message, param = _engine_error_fields(content)
+        text = redact_engine_message(message) if message else ""
+        if not text:
+            return InvalidRequestError(f"the engine refused the request ({status})", param=param)
+        if "maximum context length" in text.lower():
+            return ContextLengthError(text)  # the engine's param (input_tokens) is not ours
+        return InvalidRequestError(text, param=param)
     if status == 404:
-        return ModelNotFoundError(message, param="model")
+        return ModelNotFoundError("The model does not exist.", param="model")
     if status == 503:
         return EngineUnavailableError("the engine is overloaded or starting")
     return EngineError(f"the engine failed ({status})")
+
+
+def parse_model_list(content: bytes) -> list[ServedModel]:
+    """vLLM's /v1/models answer: base models carry `max_model_len`, adapters a `parent`."""
+    try:
+        cards = json.loads(content)["data"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise EngineError("the engine's model list is not valid") from e
+    if not isinstance(cards, list):
+        raise EngineError("the engine's model list is not valid")
+    models = []
+    for card in cards:
+        if not isinstance(card, dict) or not isinstance(card.get("id"), str):
+            continue
+        length, parent = card.get("max_model_len"), card.get("parent")
+        valid_length = isinstance(length, int) and not isinstance(length, bool) and length > 0
+        models.append(
+            ServedModel(
+                id=card["id"],
+                max_model_len=length if valid_length else None,
+                parent=parent if isinstance(parent, str) else None,
+            )
+        )
+    return models
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise EngineError(f"the engine's answer is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class AiohttpEngineStream:
@@ -104,6 +173,18 @@ class VllmEngine:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+    async def served_models(self) -> list[ServedModel]:
+        timeout = aiohttp.ClientTimeout(total=MODEL_LIST_TIMEOUT_S)
+        try:
+            async with self._client().get(self._base_url + "/v1/models", timeout=timeout) as r:
+                status = r.status
+                content = await _read_bounded(r, MAX_MODEL_LIST_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise translate_transport_error(e) from e
+        if status != 200:
+            raise EngineError(f"the engine's model list answered {status}")
+        return parse_model_list(content)
 
     async def generate(self, kind: GenerationKind, body: dict[str, Any]) -> dict[str, Any]:
         status, content = await self._post(PATHS[kind], body)

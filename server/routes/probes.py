@@ -1,12 +1,11 @@
-"""Probes and metrics: /healthz (process alive), /readyz (can serve now), /metrics."""
+"""Probes: /healthz (process alive), /readyz (can serve now). Metrics are not served here but
+on their own listener (server/metrics_server.py): they name every tenant and adapter."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter
 
 from server.deps import ServicesDep
-from server.errors import EngineUnavailableError
 
 router = APIRouter()
 
@@ -18,11 +17,6 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> dict[str, str]:
-    if not services.monitor.ready:
-        raise EngineUnavailableError()
+    """200 when the engine can serve; else 503 whose `code` and message say why."""
+    services.monitor.ensure_ready()
     return {"status": "ready"}
-
-
-@router.get("/metrics")
-async def metrics(services: ServicesDep) -> Response:
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, Gateway
 from tests.api.test_adapters_admin import upload
 from tests.api.test_errors import assert_envelope
+from tests.api.test_metrics_endpoint import scrape
 from tests.api.test_openai_routes import chat_body, sse_events
 
 
@@ -58,7 +59,7 @@ def test_usage_is_forwarded_when_the_client_asks(
     response = ask(gateway, "helper", stream=True, stream_options={"include_usage": True})
     usage = [json.loads(e) for e in sse_events(response.text)[:-1] if '"usage"' in e]
     assert usage and usage[-1]["usage"]["completion_tokens"] > 0
-    metrics = gateway.client.get("/metrics").text
+    metrics = scrape(gateway)
     assert 'loragate_generation_tokens_total{kind="completion",model="acme/helper"}' in metrics
 
 

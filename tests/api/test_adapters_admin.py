@@ -90,7 +90,10 @@ def test_upload_needs_the_admin_key(gateway: Gateway, adapter_dirs: list[Path]) 
 
 
 def test_unknown_tenant_is_404(gateway: Gateway, adapter_dirs: list[Path]) -> None:
-    assert_envelope(upload(gateway, adapter_dirs[0], tenant="umbrella"), 404, "tenant")
+    error = assert_envelope(upload(gateway, adapter_dirs[0], tenant="umbrella"), 404, "tenant")
+    assert error["code"] == "tenant_not_found"
+    missing = gateway.client.get("/admin/v1/tenants/acme/adapters/ghost", headers=gateway.admin)
+    assert assert_envelope(missing, 404)["code"] == "adapter_not_found"
 
 
 @pytest.mark.parametrize("name", ["Upper", "-dash", "a" * 64, "semi;colon", "..", "a b"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,9 @@ from starlette.types import Receive, Scope, Send
 from server.app import create_app
 from server.engine_process import free_loopback_port
 from server.settings import Settings
-from tests.api.conftest import Gateway, engine_at, make_settings, serving
+from tests.api.conftest import MODEL, Gateway, engine_at, make_settings, serving
 from tests.api.test_errors import assert_envelope
+from tests.api.test_metrics_endpoint import scrape
 from tests.api.test_openai_routes import chat_body, sse_events
 from tests.support import TENANT_KEYS
 
@@ -57,19 +59,26 @@ def unreachable_engine(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def test_unreachable_engine_is_503_with_retry_after(unreachable_engine: TestClient) -> None:
-    assert_envelope(unreachable_engine.get("/readyz"), 503)
+    readyz = unreachable_engine.get("/readyz")
+    assert assert_envelope(readyz, 503)["code"] == "engine_unavailable"
+    assert int(readyz.headers["retry-after"]) > 0
     response = unreachable_engine.post("/v1/chat/completions", json=chat_body(), headers=HEADERS)
     assert assert_envelope(response, 503)["code"] == "engine_unavailable"
     assert "retry-after" in response.headers
 
 
 async def dies_mid_stream(scope: Scope, receive: Receive, send: Send) -> None:
-    """An engine that is healthy, then dies after the first event of a stream."""
+    """An engine that is healthy and serves our model, then dies after the first event of a
+    stream."""
+    if scope["path"] in ("/health", "/v1/models"):
+        models = {"object": "list", "data": [{"id": MODEL, "max_model_len": 2048}]}
+        body = json.dumps(models).encode() if scope["path"] == "/v1/models" else b""
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
     headers = [(b"content-type", b"text/event-stream")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    if scope["path"] == "/health":
-        await send({"type": "http.response.body", "body": b""})
-        return
     event = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
     await send({"type": "http.response.body", "body": event, "more_body": True})
     raise RuntimeError("engine died")  # the server drops the connection mid-body
@@ -96,7 +105,7 @@ def test_metrics_count_requests_by_route_and_status(gateway: Gateway) -> None:
     )
     gateway.client.post("/v1/chat/completions", json=chat_body())  # 401
     gateway.client.get("/v1/does-not-exist/" + "x" * 50, headers=gateway.headers())
-    text = gateway.client.get("/metrics").text
+    text = scrape(gateway)
     assert 'loragate_requests_total{route="/v1/chat/completions",status="200"} 2.0' in text
     assert 'loragate_requests_total{route="/v1/chat/completions",status="401"} 1.0' in text
     assert 'loragate_requests_total{route="other",status="404"} 1.0' in text

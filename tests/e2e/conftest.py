@@ -37,6 +37,7 @@ class ServeProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    metrics_port: int
     engine_port: int | None = None  # the local engine's, when the test fixed it
     descendants: list[psutil.Process] = field(default_factory=list)
 
@@ -47,6 +48,11 @@ class ServeProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The metrics listener's (LORAGATE_METRICS__PORT): the public port has no /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def client(
         self, tenant: str = "acme", *, cached: bool = True, **kwargs: object
@@ -125,11 +131,13 @@ def start_serve(
     limits: dict[str, dict[str, int]] | None = None,
     engine_port: int | None = None,
 ) -> ServeProcess:
-    port = free_loopback_port()
+    port, metrics_port = free_loopback_port(), free_loopback_port()
     log_path = tmp / "serve.log"
     full_env = {
         **os.environ,
         "LORAGATE_PORT": str(port),
+        # Its own metrics port: several gateways run at once and would share the default.
+        "LORAGATE_METRICS__PORT": str(metrics_port),
         "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp / "tenants.yaml", limits)),
         "LORAGATE_CACHE_DIR": str(tmp / "cache"),
         "LORAGATE_MODEL__PATH": str(default_model_path()),
@@ -143,7 +151,7 @@ def start_serve(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return ServeProcess(proc, port, log_path, engine_port)
+    return ServeProcess(proc, port, log_path, metrics_port, engine_port)
 
 
 def default_model_path() -> Path:

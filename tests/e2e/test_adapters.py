@@ -131,7 +131,7 @@ def test_thirty_adapters_with_a_cap_of_four_all_answer_as_their_reference(
         answers = list(pool.map(lambda m: ask(vllm_gateway, m.tenant, m.name), order))
     wrong = [(m.tenant, m.name) for m, a in zip(order, answers, strict=True) if a != m.reference]
     assert not wrong
-    metrics = httpx.get(f"{vllm_gateway.url}/metrics").text
+    metrics = httpx.get(vllm_gateway.metrics_url).text
     loaded = float(metrics.split("\nloragate_adapters_loaded ")[1].split()[0])
     loads = float(metrics.split('loragate_adapter_loads_total{result="ok"} ')[1].split()[0])
     assert loaded <= 4

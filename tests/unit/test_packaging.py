@@ -4,6 +4,7 @@ package the gateway imports, and the ones its frameworks load only on demand."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.metadata as md
 import re
 import sys
@@ -32,10 +33,8 @@ def base_requirements(distribution: str = "loragate") -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             todo += [r for r in md.requires(name) or [] if "extra ==" not in r]
-        except md.PackageNotFoundError:
-            pass
     return seen
 
 
