@@ -1,5 +1,7 @@
-"""The operator's adapter service: receive → validate → store → register, each stage with its
-own error, metric and log line; and list / show / delete. No FastAPI in here.
+"""The operator's adapter service: an upload is received (bounded), validated, stored and
+registered, counted by result and logged once; list, show, and delete (which collects the files
+once no record and no running request uses them, and drops the adapter's metric series). No
+FastAPI in here.
 
 Files are validated before anything is stored, stored before the registry record is written
 (the record is the commit point), so a crash at any stage leaves no record pointing at nothing.

@@ -1,5 +1,7 @@
 """The app factory and its lifespan, which owns every resource: the tenants directory, the
-engine client, a local engine process when there is one, and the engine monitor task.
+engine client, a local engine process when there is one, the engine monitor task, the Redis link,
+the adapter store, registry and engine-side adapter slots, and the services built on them.
+The metrics registry is made here too; `loragate serve` serves it on its own listener.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from server.errors import register_error_handlers
 from server.limit_backends import RedisLimits
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from server.openapi import install_openapi
 from server.redis_link import RedisLink
 from server.request_bounds import RequestBounds
 from server.result_cache import ResultCache
@@ -166,6 +169,7 @@ def create_app(
                 await process.stop()
 
     app = FastAPI(title="loragate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_openapi(app)
     app.state.metrics = metrics  # `loragate serve` serves its registry on the metrics listener
     register_error_handlers(app)
     app.include_router(openai_api.router)

@@ -1,4 +1,5 @@
-"""The `loragate` command: serve the gateway, prepare the default model, make API keys."""
+"""The `loragate` command: serve the gateway (and its metrics listener), prepare the default
+model, make API keys; `loragate adapters` (in cli_adapters.py) manages tenants' adapters."""
 
 from __future__ import annotations
 

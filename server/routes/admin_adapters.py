@@ -11,16 +11,44 @@ from starlette.datastructures import UploadFile
 
 from adapters.errors import AdapterRejectedError
 from adapters.registry import PutResult
+from server import openapi as doc
 from server.adapter_admin import UploadedFile
 from server.deps import AdminDep, ServicesDep
 
-router = APIRouter(prefix="/admin/v1/tenants/{tenant}/adapters")
+router = APIRouter(
+    prefix="/admin/v1/tenants/{tenant}/adapters",
+    responses=doc.errors(401, 403, 404),
+)
 
 FILE_FIELDS = ("adapter_config", "adapter_model")
 MAX_FORM_FIELDS = 4
+RESULT_HEADER = {
+    "x-loragate-result": {
+        "description": "What the upload did.",
+        "required": True,
+        "schema": {"type": "string", "enum": [r.name.lower() for r in PutResult]},
+    }
+}
+UPLOAD_FORM = doc.multipart_body(
+    {
+        "adapter_config": "adapter_config.json, as PEFT's save_pretrained wrote it",
+        "adapter_model": "adapter_model.safetensors (pickled weights are refused)",
+    }
+)
 
 
-@router.put("/{name}")
+@router.put(
+    "/{name}",
+    response_model=None,
+    responses={
+        200: {"model": doc.AdapterRecord, "headers": RESULT_HEADER,
+              "description": "The same content was there already (`unchanged`)."},
+        201: {"model": doc.AdapterRecord, "headers": RESULT_HEADER,
+              "description": "Stored (`created`, or `replaced` with `replace=true`)."},
+        **doc.errors(400, 409, 413),
+    },
+    openapi_extra=doc.ADMIN_AUTH | UPLOAD_FORM,
+)  # fmt: skip
 async def put_adapter(
     tenant: str, name: str, request: Request, _: AdminDep, services: ServicesDep,
     replace: bool = False,
@@ -51,18 +79,34 @@ def _file(value: Any, field: str) -> UploadedFile:
     return UploadedFile(field, value.filename, value.file)
 
 
-@router.get("")
+# What each read route documents; GET and HEAD share it (HEAD answers like GET, no body).
+LIST_DOC: dict[str, Any] = {
+    "response_model": None,
+    "responses": {200: {"model": doc.AdapterList, "description": "The tenant's adapters."}},
+    "openapi_extra": doc.ADMIN_AUTH,
+}
+ONE_DOC: dict[str, Any] = {
+    "response_model": None,
+    "responses": {200: {"model": doc.AdapterRecord, "description": "The adapter's record."}}
+    | doc.errors(400),
+    "openapi_extra": doc.ADMIN_AUTH,
+}
+
+
+@router.get("", **LIST_DOC)
+@router.head("", **LIST_DOC)
 async def list_adapters(tenant: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
     records = await services.admin.list(tenant)
     return {"object": "list", "data": [r.to_json() for r in records]}
 
 
-@router.get("/{name}")
+@router.get("/{name}", **ONE_DOC)
+@router.head("/{name}", **ONE_DOC)
 async def get_adapter(tenant: str, name: str, _: AdminDep, services: ServicesDep) -> dict[str, Any]:
     return (await services.admin.get(tenant, name)).to_json()
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", **ONE_DOC)
 async def delete_adapter(
     tenant: str, name: str, _: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:

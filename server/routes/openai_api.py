@@ -11,30 +11,46 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server import openapi as doc
 from server.cache_policy import CACHE_HEADER, CacheDirectives
 from server.deps import ServicesDep, TenantDep, parse_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
 from server.serving import Generated, OpenStream
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=doc.errors(401, 403))
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in our own metrics
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.get("/models")
+# Generation can fail every way a request can: bad body, unknown model, limits, the engine.
+GENERATION_ERRORS = doc.errors(400, 404, 413, 415, 429, 502, 503)
+
+
+@router.get("/models", openapi_extra=doc.TENANT_AUTH)
+@router.head("/models", openapi_extra=doc.TENANT_AUTH)
 async def list_models(tenant: TenantDep, services: ServicesDep) -> ModelList:
     return await services.generation.list_models(tenant)
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses=doc.generation_ok(doc.ChatCompletion) | GENERATION_ERRORS,
+    openapi_extra=doc.TENANT_AUTH | doc.json_body(ChatCompletionRequest),
+)
 async def chat_completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
     started = time.perf_counter()
     body = await parse_body(request, ChatCompletionRequest)
     return await _generate(request, services, tenant, body, started)
 
 
-@router.post("/completions")
+@router.post(
+    "/completions",
+    response_model=None,
+    responses=doc.generation_ok(doc.Completion) | GENERATION_ERRORS,
+    openapi_extra=doc.TENANT_AUTH | doc.json_body(CompletionRequest),
+)
 async def completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
     started = time.perf_counter()
     body = await parse_body(request, CompletionRequest)

@@ -11,11 +11,13 @@ router = APIRouter()
 
 
 @router.get("/healthz")
+@router.head("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
+@router.head("/readyz")
 async def readyz(services: ServicesDep) -> dict[str, str]:
     """200 when the engine can serve; else 503 whose `code` and message say why."""
     services.monitor.ensure_ready()
