@@ -1,6 +1,7 @@
 """Which adapters are loaded on the engine: loaded on first use (once, however many requests ask
-together), the least recently used idle one unloaded to make room, never one with requests in
-flight. Engine-side names derive from the content digest, never from a tenant's name.
+together, and on to the end whichever of them goes away), the least recently used idle one
+unloaded to make room, never one with requests in flight. Engine-side names derive from the
+content digest, never from a tenant's name.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ class EngineAdapters:
         # Invariants: a digest in `_loaded` is loaded on the engine (as far as we know), in LRU
         # order (oldest first); a digest with `_in_flight[d] > 0` is never unloaded; loaded plus
         # `_reserved` (loads under way) never exceeds capacity. `_slots` serializes the
-        # make-room-and-reserve step so two loads cannot both claim the last slot.
+        # make-room-and-reserve step so two loads cannot both claim the last slot. `_loading`
+        # holds the one load task per digest, owned here and shared by every request waiting.
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._in_flight: Counter[str] = Counter()
-        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._loading: dict[str, asyncio.Task[None]] = {}
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
         self._slots = asyncio.Lock()
@@ -93,10 +95,15 @@ class EngineAdapters:
 
     async def _ensure_loaded(self, digest: str) -> None:
         while digest not in self._loaded:
-            if (pending := self._loading.get(digest)) is not None:
-                await asyncio.shield(pending)
-            else:
-                await self._load(digest)
+            if (load := self._loading.get(digest)) is None:
+                load = asyncio.create_task(self._load(digest), name=f"load-{digest[:12]}")
+                load.add_done_callback(lambda t: t.cancelled() or t.exception())  # no warning
+                self._loading[digest] = load
+            # The load is every waiter's, not the one that started it: a waiter cancelled (its
+            # client went away) stops waiting and drops its own pin; the load goes on. It is not
+            # cancelled when nobody waits any more either: the engine may be loading already,
+            # and a load cut short leaves its state unknown. Finished, it stays loaded, idle.
+            await asyncio.shield(load)
         self._loaded.move_to_end(digest)
 
     def _release(self, digest: str) -> None:
@@ -106,9 +113,7 @@ class EngineAdapters:
             self._became_idle.set()
 
     async def _load(self, digest: str) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, no warning
-        self._loading[digest] = future
+        """Runs as its own task, in `_loading` until it ends; its outcome reaches every waiter."""
         reserved = False
         try:
             await self._reserve_slot()
@@ -122,10 +127,8 @@ class EngineAdapters:
             self._loaded[digest] = None
             self._metrics.adapters_loaded.set(len(self._loaded))
             logger.info("adapter %s loaded (%d/%d)", digest[:12], len(self._loaded), self._capacity)
-            future.set_result(None)
-        except BaseException as e:
+        except BaseException:
             self._metrics.adapter_loads.labels("error").inc()
-            future.set_exception(e)
             raise
         finally:
             if reserved:
@@ -172,5 +175,8 @@ class EngineAdapters:
             self._unloading.pop(digest, None)
 
     async def aclose(self) -> None:
-        for task in list(self._unloading.values()):
+        """Cancel the loads and unloads still running, and wait for them to end."""
+        tasks = [*self._loading.values(), *self._unloading.values()]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,9 @@ from server import openapi as doc
 from server.cache_policy import CACHE_HEADER, CacheDirectives
 from server.deps import ServicesDep, TenantDep, parse_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
-from server.serving import Generated, OpenStream
+from server.serving import OpenStream
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v1", responses=doc.errors(401, 403))
 
@@ -67,7 +69,12 @@ async def _generate(
     directives = CacheDirectives.from_header(request.headers.get("cache-control"))
     generation = services.generation
     if body.stream:
-        stream = await generation.stream(tenant, body, started, directives)
+        # The set-up (queue, adapter slot, adapter load) can take a while: a client gone
+        # meanwhile gives up its place. Once the response starts, Starlette notices instead.
+        setup = generation.stream(tenant, body, started, directives)
+        stream = await _unless_disconnected(request, setup, discard=_close_stream)
+        if stream is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return RelayedStreamResponse(stream)
     result = await _unless_disconnected(request, generation.generate(tenant, body, directives))
     if result is None:
@@ -93,23 +100,36 @@ class RelayedStreamResponse(StreamingResponse):
             await self._close()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Generated]) -> Generated | None:
-    """Run `work`, cancelling it (and so the engine request) if the client disconnects."""
+async def _unless_disconnected(
+    request: Request,
+    work: Awaitable[T],
+    discard: Callable[[T], Awaitable[None]] | None = None,
+) -> T | None:
+    """Run `work`; if the client disconnects first, cancel it (and so whatever it holds or
+    waits for) and return None. A result that arrives anyway, `work` finishing as it was
+    cancelled, is handed to `discard`: nobody will use it, and it may hold resources."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    abandoned = False
     try:
-        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work_task.cancel()
-        raise
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also when this request is cancelled itself: the work must not outlive it.
         watch_task.cancel()
-    if work_task in done:
-        return work_task.result()
-    work_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work_task
-    return None
+        if not work_task.done():
+            abandoned = True
+            work_task.cancel()
+            await asyncio.wait({work_task})
+            if discard is not None and not work_task.cancelled() and work_task.exception() is None:
+                await discard(work_task.result())
+    if abandoned and work_task.cancelled():
+        return None
+    result = work_task.result()  # the work's own error is raised here, as usual
+    return None if abandoned else result
+
+
+async def _close_stream(stream: OpenStream) -> None:
+    await stream.close()
 
 
 async def _wait_for_disconnect(request: Request) -> None:
