@@ -1,5 +1,6 @@
 """Which adapter version each tenant's name points at: the `AdapterRegistry` seam and its
-directory implementation, safe for several gateway replicas sharing one volume.
+directory implementation, safe for several gateway replicas sharing one volume, with records
+cached in memory while their files are unchanged (`adapters.record_cache`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +25,7 @@ from adapters.errors import (
     AdapterRejectedError,
     AdapterStoreError,
 )
+from adapters.record_cache import RecordCache, Signature, next_mtime_ns, signature
 from adapters.store import DIGEST, checked_digest, fsync_dir
 from adapters.types import ADAPTER_NAME, AdapterRecord
 
@@ -34,6 +37,8 @@ LOCK_FILE = ".lock"
 GENERATION_FILE = ".generation"
 _RECORD_SUFFIX = ".json"
 _PARTIAL_SUFFIX = ".tmp"
+# Records kept in memory per registry object: about 1 KB each, so some 4 MB at most.
+MAX_CACHED_RECORDS = 4096
 
 
 class PutResult(enum.Enum):
@@ -50,6 +55,12 @@ class AdapterRegistry(Protocol):
     """
 
     def get(self, tenant: str, name: str) -> AdapterRecord | None: ...
+
+    def peek(self, tenant: str, name: str) -> AdapterRecord | None:
+        """`get` answered from memory, without blocking I/O beyond a stat, so it may run on the
+        event loop: the record if it is held and still current, else None, which means "call
+        `get`" (the record may still exist). Never a version that was replaced or deleted."""
+        ...
 
     def list(self, tenant: str) -> builtins.list[AdapterRecord]:
         """The tenant's records, sorted by name."""
@@ -106,13 +117,16 @@ def _flocked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_atomic(directory: Path, filename: str, data: bytes) -> None:
-    """Replace directory/filename with `data`, so readers see the old or new bytes, never a mix."""
+def _write_atomic(directory: Path, filename: str, data: bytes, mtime_ns: int | None = None) -> None:
+    """Replace directory/filename with `data`, so readers see the old or new bytes, never a mix;
+    with `mtime_ns`, the new file carries that modification time."""
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=_PARTIAL_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if mtime_ns is not None:
+                os.utime(f.fileno(), ns=(mtime_ns, mtime_ns))
             os.fsync(f.fileno())
         os.chmod(partial, 0o644)
         os.rename(partial, directory / filename)
@@ -130,11 +144,19 @@ class LocalAdapterRegistry:
     """An `AdapterRegistry` on a directory: `root/registry/<tenant>/<name>.json`.
 
     Readers take no lock (records are replaced by rename); writers hold the tenant's flock.
+    `get`, `peek` and `list` serve a record from memory while a stat of its file shows the file
+    it was read from; writers read the file itself.
     """
 
-    def __init__(self, root: Path, max_adapters_per_tenant: int = 1000) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_adapters_per_tenant: int = 1000,
+        max_cached_records: int = MAX_CACHED_RECORDS,
+    ) -> None:
         self._root = root / "registry"
         self._max_per_tenant = max_adapters_per_tenant
+        self._cache = RecordCache(max_cached_records)
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -143,11 +165,16 @@ class LocalAdapterRegistry:
     def get(self, tenant: str, name: str) -> AdapterRecord | None:
         if TENANT_NAME.fullmatch(tenant) is None or ADAPTER_NAME.fullmatch(name) is None:
             return None
-        return self._read(self._root / tenant, name)
+        return self._cached_read(self._root / tenant, name)
+
+    def peek(self, tenant: str, name: str) -> AdapterRecord | None:
+        if TENANT_NAME.fullmatch(tenant) is None or ADAPTER_NAME.fullmatch(name) is None:
+            return None
+        return self._cache.fresh(self._path(tenant, name))
 
     def list(self, tenant: str) -> builtins.list[AdapterRecord]:
         tenant_dir = self._root / _checked_tenant(tenant)
-        records = (self._read(tenant_dir, name) for name in self._names(tenant_dir))
+        records = (self._cached_read(tenant_dir, name) for name in self._names(tenant_dir))
         return [record for record in records if record is not None]
 
     def put(self, record: AdapterRecord, *, replace: bool) -> tuple[PutResult, AdapterRecord]:
@@ -169,7 +196,7 @@ class LocalAdapterRegistry:
         self, tenant_dir: Path, record: AdapterRecord, replace: bool
     ) -> tuple[PutResult, AdapterRecord]:
         self._sweep_partial(tenant_dir)
-        existing = self._read(tenant_dir, record.name)
+        existing, existing_sig = self._read(tenant_dir, record.name)
         if existing is not None and existing.digest == record.digest:
             return PutResult.UNCHANGED, existing
         if existing is not None and not replace:
@@ -187,7 +214,9 @@ class LocalAdapterRegistry:
                     code="too_many_adapters",
                 )
         data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
-        _write_atomic(tenant_dir, record.name + _RECORD_SUFFIX, data)
+        mtime_ns = next_mtime_ns(existing_sig, time.time_ns())  # see record_cache.Signature
+        _write_atomic(tenant_dir, record.name + _RECORD_SUFFIX, data, mtime_ns)
+        self._cache.drop(self._path(record.tenant, record.name))
         self._bump_generation()
         return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
 
@@ -199,12 +228,13 @@ class LocalAdapterRegistry:
                 raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
             with _flocked(tenant_dir / LOCK_FILE):  # the invariant is stated in `put`
                 self._sweep_partial(tenant_dir)
-                existing = self._read(tenant_dir, name)
+                existing, _ = self._read(tenant_dir, name)
                 if existing is None:
                     raise AdapterNotFoundError(
                         f"no adapter named {name!r}", code="adapter_not_found"
                     )
                 os.unlink(tenant_dir / (name + _RECORD_SUFFIX))
+                self._cache.drop(self._path(tenant, name))
                 fsync_dir(tenant_dir)
                 self._bump_generation()
                 return existing
@@ -260,23 +290,39 @@ class LocalAdapterRegistry:
             if entry.startswith(".") and entry.endswith(_PARTIAL_SUFFIX):
                 (tenant_dir / entry).unlink(missing_ok=True)
 
-    def _read(self, tenant_dir: Path, name: str) -> AdapterRecord | None:
-        """The record, or None if absent or corrupt (logged: one bad file must not stop serving)."""
+    def _path(self, tenant: str, name: str) -> str:
+        # A str, built without pathlib: `peek` runs on the event loop for every adapter request.
+        return f"{self._root}/{tenant}/{name}{_RECORD_SUFFIX}"
+
+    def _cached_read(self, tenant_dir: Path, name: str) -> AdapterRecord | None:
+        path = self._path(tenant_dir.name, name)
+        record = self._cache.fresh(path)
+        if record is None:
+            record, sig = self._read(tenant_dir, name)
+            if record is not None and sig is not None:
+                self._cache.store(path, sig, record)
+        return record
+
+    def _read(self, tenant_dir: Path, name: str) -> tuple[AdapterRecord | None, Signature | None]:
+        """The record, or None if absent or corrupt (logged: one bad file must not stop serving),
+        and the signature of the file it was read from (None if there was no file)."""
         path = tenant_dir / (name + _RECORD_SUFFIX)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                sig = signature(os.fstat(f.fileno()))
+                data = f.read()
         except FileNotFoundError:
-            return None
+            return None, None
         except OSError as exc:
             raise _io_error(f"read adapter {name!r}", exc) from exc
         try:
             record = AdapterRecord.from_json(json.loads(data))
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("skipping corrupt adapter record %s: %r", path, exc)
-            return None
+            return None, sig
         if (record.tenant, record.name) != (tenant_dir.name, name) or not DIGEST.fullmatch(
             record.digest
         ):
             logger.warning("skipping adapter record %s: it does not match its path", path)
-            return None
-        return record
+            return None, sig
+        return record, sig

@@ -300,7 +300,12 @@ class GenerationService:
             return Target(model, model, None)
         record = None
         if ADAPTER_NAME.fullmatch(model):
-            record = await asyncio.to_thread(self._registry.get, tenant.name, model)
+            # A record held in memory costs one stat here, a microsecond; only the first request
+            # for a name, or the first after its file changed, pays a read on a worker thread
+            # (30-70 us for the hop alone: loadtests/bench_hot_path.py).
+            record = self._registry.peek(tenant.name, model)
+            if record is None:
+                record = await asyncio.to_thread(self._registry.get, tenant.name, model)
         if record is None:
             # Another tenant's adapter answers exactly like one that does not exist.
             raise ModelNotFoundError(
