@@ -125,6 +125,23 @@ class MetricsSettings(BaseModel):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class ServerSettings(BaseModel):
+    """Bounds on what a connection to the public port may hold before any route, and so before
+    authentication, runs: every caller gets them, keyed or not."""
+
+    # The request line and headers together; a larger head gets 400 and the connection closed.
+    max_header_bytes: int = Field(64 << 10, ge=4 << 10, le=1 << 20)
+    # From connecting (or the first byte after a response) to the end of the request's headers;
+    # the connection is closed past it. uvicorn has no such timeout: loragate adds it.
+    header_timeout_s: float = Field(10, gt=0, le=300)
+    # An idle connection between requests is closed after this. Behind a load balancer that
+    # reuses connections, set it above the balancer's idle timeout.
+    keep_alive_timeout_s: int = Field(5, ge=1, le=3600)
+    # Open connections (or requests in progress) at once; beyond, uvicorn answers 503. High:
+    # it only stops a flood, the admission queue bounds the work.
+    max_connections: int = Field(2048, ge=1, le=1_000_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAGATE_", env_nested_delimiter="__", extra="forbid"
@@ -155,6 +172,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @property
     def model_path(self) -> Path:

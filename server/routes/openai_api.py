@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from server import openapi as doc
 from server.cache_policy import CACHE_HEADER, CacheDirectives
 from server.deps import ServicesDep, TenantDep, parse_body
+from server.middleware import CLIENT_CLOSED_REQUEST
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
 from server.serving import OpenStream
 
@@ -21,7 +22,6 @@ T = TypeVar("T")
 
 router = APIRouter(prefix="/v1", responses=doc.errors(401, 403))
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in our own metrics
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
