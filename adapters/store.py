@@ -6,6 +6,7 @@ absent, never partial, so anything that finds it can hand its directory to the e
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,10 @@ DIGEST = re.compile(r"[0-9a-f]{64}")
 # A staging dir untouched for this long belongs to a writer that died: live puts keep writing
 # into theirs, and replicas sharing the volume must not sweep each other's work in progress.
 TMP_GRACE_S = 3600.0
+# An unreferenced blob younger than this is left alone by `AdapterAdminService.sweep`: another
+# replica sharing the store may be between its `put` and its registry record. A put of a digest
+# already present restarts the clock (see `put`), so this bounds that step, not the blob's life.
+ORPHAN_GRACE_S = 600.0
 _PUT_PREFIX = "put-"
 _DEL_PREFIX = "del-"
 _PUBLISH_ATTEMPTS = 5
@@ -39,8 +44,9 @@ class AdapterStore(Protocol):
     Every method raises AdapterRejectedError (code `bad_digest`) for a malformed digest.
     """
 
-    def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> None:
-        """Store one adapter version; the same digest again is a no-op. Leaves weights_path."""
+    def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> bool:
+        """Store one adapter version, True if this call published it; the same digest again
+        only marks the blob as just put (see `digests`), False. Leaves weights_path."""
         ...
 
     def local_dir(self, digest: str) -> Path:
@@ -53,7 +59,9 @@ class AdapterStore(Protocol):
         """Remove a version; no error if it is absent."""
         ...
 
-    def digests(self) -> set[str]: ...
+    def digests(self, older_than_s: float = 0.0) -> set[str]:
+        """The stored digests, only those last put more than `older_than_s` seconds ago."""
+        ...
 
 
 def checked_digest(digest: str) -> str:
@@ -138,15 +146,18 @@ class LocalAdapterStore:
             logger.info("swept %d leftover staging entries from the adapter store", removed)
         return removed
 
-    def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> None:
+    def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> bool:
         target = self._blobs / checked_digest(digest)
-        if target.is_dir():
-            return
         staging: Path | None = None
         try:
+            # The blob's mtime is its "last put" time: another replica's sweep spares it for
+            # ORPHAN_GRACE_S, long enough for our caller to write its record.
+            with contextlib.suppress(FileNotFoundError):  # absent (or just collected): store it
+                os.utime(target)
+                return False
             staging = Path(tempfile.mkdtemp(prefix=f"{_PUT_PREFIX}{digest[:12]}-", dir=self._tmp))
             self._stage(staging, config_bytes, weights_path)
-            self._publish(staging, target)
+            return self._publish(staging, target)
         except OSError as exc:
             raise AdapterStoreError(
                 f"could not store adapter {digest[:12]}: {exc.strerror or exc}"
@@ -166,7 +177,10 @@ class LocalAdapterStore:
         os.chmod(staging, 0o755)
         fsync_dir(staging)
 
-    def _publish(self, staging: Path, target: Path) -> None:
+    def _publish(self, staging: Path, target: Path) -> bool:
+        """True if `staging` became the blob, False if a concurrent put's copy already is."""
+        # Copying hundreds of MB takes a while: the blob's age counts from its publication.
+        os.utime(staging)
         for attempt in range(_PUBLISH_ATTEMPTS):
             try:
                 os.rename(staging, target)
@@ -175,12 +189,14 @@ class LocalAdapterStore:
                 # and its bytes are ours. Unless a delete took it in between: then publish ours.
                 lost_race = exc.errno in (errno.ENOTEMPTY, errno.EEXIST)
                 if lost_race and target.is_dir():
-                    return
+                    os.utime(target)
+                    return False
                 if not lost_race or attempt == _PUBLISH_ATTEMPTS - 1:
                     raise
                 continue
             fsync_dir(self._blobs)
-            return
+            return True
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def local_dir(self, digest: str) -> Path:
         path = self._blobs / checked_digest(digest)
@@ -207,8 +223,18 @@ class LocalAdapterStore:
         # Failing here leaves only garbage in tmp/, which sweep_tmp removes.
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def digests(self) -> set[str]:
+    def digests(self, older_than_s: float = 0.0) -> set[str]:
+        cutoff = time.time() - older_than_s
+        found: set[str] = set()
         try:
-            return {p.name for p in self._blobs.iterdir() if DIGEST.fullmatch(p.name)}
+            for entry in os.scandir(self._blobs):
+                if DIGEST.fullmatch(entry.name) is None:
+                    continue
+                try:
+                    if older_than_s <= 0 or entry.stat().st_mtime < cutoff:
+                        found.add(entry.name)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
         except OSError as exc:
             raise AdapterStoreError(f"cannot list the adapter store: {exc.strerror}") from exc
+        return found

@@ -1,7 +1,10 @@
 """The operator's adapter service: an upload is received (bounded), validated, stored and
-registered, counted by result and logged once; list, show, and delete (which collects the files
-once no record and no running request uses them, and drops the adapter's metric series). No
-FastAPI in here.
+registered, counted by result and logged once; list, show, and delete (which drops the
+adapter's metric series). No FastAPI in here.
+
+Adapter files are collected once no record (of any tenant: blobs are content-addressed) and no
+running request uses them: after a delete, a replace or a refused upload, when the engine reports
+a version idle, and by `sweep`, which also takes what crashes and other replicas left.
 
 Files are validated before anything is stored, stored before the registry record is written
 (the record is the commit point), so a crash at any stage leaves no record pointing at nothing.
@@ -25,10 +28,11 @@ from adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     AdapterRejectedError,
+    AdapterStoreError,
     AdapterTooLargeError,
 )
 from adapters.registry import AdapterRegistry, PutResult
-from adapters.store import AdapterStore
+from adapters.store import ORPHAN_GRACE_S, AdapterStore
 from adapters.types import ADAPTER_NAME, AdapterRecord, BaseModelSpec
 from adapters.validation import ValidationLimits, check_upload_filename, validate_adapter
 from server.engine_adapters import EngineAdapters
@@ -39,6 +43,7 @@ from server.tenants import TenantDirectory
 logger = logging.getLogger(__name__)
 
 COPY_BLOCK = 1 << 20
+SWEEP_INTERVAL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class AdapterAdminService:
         staging_dir: Path,
         engine_adapters: EngineAdapters,
         metrics: Metrics,
+        *,
+        orphan_grace_s: float = ORPHAN_GRACE_S,
     ) -> None:
         self._tenants = tenants
         self._store = store
@@ -72,6 +79,12 @@ class AdapterAdminService:
         # delete never collects files an upload of the same content has just registered. (One
         # process only: replicas sharing a store need the shared store's own guarantee.)
         self._commit_lock = threading.Lock()
+        self._orphan_grace_s = orphan_grace_s
+        # Digests whose files must go once the engine reports them idle (they were in use when
+        # their last record went). Changed under `_commit_lock` only; `_on_idle` only reads it.
+        self._doomed: set[str] = set()
+        self._collections: set[asyncio.Task[None]] = set()
+        engine_adapters.on_idle(self._on_idle)
 
     def _check_names(self, tenant: str, name: str | None = None) -> None:
         if self._tenants.tenant(tenant) is None:
@@ -137,8 +150,7 @@ class AdapterAdminService:
                 created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
             )
             with self._commit_lock:
-                self._store.put(info.digest, config_bytes, Path(staged))
-                result, stored = self._registry.put(record, replace=replace)
+                result, stored = self._commit(record, config_bytes, Path(staged), replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -146,6 +158,31 @@ class AdapterAdminService:
             "adapter %s/%s %s (digest %s)",
             esc(tenant), esc(name), result.name.lower(), info.digest[:12],
         )  # fmt: skip
+        return result, stored
+
+    def _commit(
+        self, record: AdapterRecord, config_bytes: bytes, weights: Path, replace: bool
+    ) -> tuple[PutResult, AdapterRecord]:
+        """Store, then register; collect what that leaves unreferenced. Under `_commit_lock`."""
+        previous = self._registry.get(record.tenant, record.name)
+        if previous is not None and previous.digest != record.digest and not replace:
+            # Refused before copying anything; the registry checks again under its own lock.
+            raise AdapterConflictError(
+                f"adapter {record.name!r} already holds different content; replace it explicitly",
+                code="adapter_conflict",
+                param="name",
+            )
+        created = self._store.put(record.digest, config_bytes, weights)
+        try:
+            result, stored = self._registry.put(record, replace=replace)
+        except AdapterError:
+            # Only a blob this call published: one that was there already may be another
+            # replica's, between its own put and its record.
+            if created:
+                self._collect_locked(record.digest)
+            raise
+        if result is PutResult.REPLACED and previous is not None:
+            self._collect_locked(previous.digest)
         return result, stored
 
     async def list(self, tenant: str) -> list[AdapterRecord]:
@@ -170,11 +207,69 @@ class AdapterAdminService:
     def _delete(self, tenant: str, name: str) -> AdapterRecord:
         with self._commit_lock:
             record = self._registry.delete(tenant, name)
-            # Keep the files while a request still runs on them or another record shares them.
-            in_use = self._engine_adapters.in_use(record.digest)
-            if not in_use and record.digest not in self._registry.referenced_digests():
-                self._store.delete(record.digest)
+            self._collect_locked(record.digest)
         return record
+
+    def _collect_locked(self, digest: str) -> None:
+        """Delete the version's files unless a record references it or a request here uses it;
+        in use, they go when it turns idle (`_on_idle`). The caller holds `_commit_lock`. A
+        failure is logged, not raised: the change it follows is done, and `sweep` retries."""
+        # Marked before the in-use check, so a pin released right after it finds the mark.
+        self._doomed.add(digest)
+        try:
+            if self._engine_adapters.in_use(digest):
+                return
+            if digest not in self._registry.referenced_digests():
+                self._store.delete(digest)
+                logger.info("adapter files %s collected", digest[:12])
+            self._doomed.discard(digest)
+        except AdapterStoreError as e:
+            logger.warning("collecting adapter files %s failed: %s", digest[:12], e.message)
+
+    def _on_idle(self, digest: str) -> None:
+        # On the event loop, for every request that ends: only a doomed digest costs a thread.
+        if digest in self._doomed:
+            task = asyncio.create_task(asyncio.to_thread(self._collect_doomed, digest))
+            self._collections.add(task)  # referenced until done
+            task.add_done_callback(self._collections.discard)
+
+    def _collect_doomed(self, digest: str) -> None:
+        with self._commit_lock:
+            if digest in self._doomed:
+                self._collect_locked(digest)
+
+    def sweep(self) -> int:
+        """Delete every version no record references, no request here uses, and nobody put in
+        the last `orphan_grace_s` (see store.ORPHAN_GRACE_S); returns how many went."""
+        removed = 0
+        with self._commit_lock:
+            # References read before ages: a version registered after this read was put after
+            # it too, so it is younger than the grace and kept.
+            referenced = self._registry.referenced_digests()
+            for digest in sorted(self._store.digests(self._orphan_grace_s) - referenced):
+                if self._engine_adapters.in_use(digest):
+                    self._doomed.add(digest)  # goes when the request ends
+                    continue
+                self._store.delete(digest)
+                self._doomed.discard(digest)
+                removed += 1
+        if removed:
+            logger.info("adapter sweep collected %d unreferenced versions", removed)
+        return removed
+
+    async def run_sweeps(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+        """Sweep now (what a crash or another replica left behind), then every `interval_s`,
+        until cancelled. A failed sweep is logged and tried again next time."""
+        while True:
+            try:
+                await asyncio.to_thread(self.sweep)
+            except AdapterStoreError as e:
+                logger.warning("adapter sweep failed: %s", e.message)
+            await asyncio.sleep(interval_s)
+
+    async def aclose(self) -> None:
+        """Wait for collections under way (a thread cannot be cancelled)."""
+        await asyncio.gather(*self._collections, return_exceptions=True)
 
 
 def _failure_label(error: AdapterError) -> str:

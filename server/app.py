@@ -125,6 +125,8 @@ def create_app(
             the_engine, settings.engine, settings.model, metrics, process, on_fatal
         )
         monitor_task: asyncio.Task[None] | None = None
+        sweeper: asyncio.Task[None] | None = None
+        admin: AdapterAdminService | None = None
         redis_link, result_store, limiter = shared_state(settings, metrics)
         store = LocalAdapterStore(settings.store_path)
         registry = LocalAdapterRegistry(settings.store_path, settings.adapters.max_per_tenant)
@@ -152,11 +154,21 @@ def create_app(
             admin = AdapterAdminService(
                 tenants, store, registry, load_base_spec(settings), validation_limits(settings),
                 settings.store_path / "uploads", engine_adapters, metrics,
+                orphan_grace_s=settings.adapters.orphan_grace_s,
             )  # fmt: skip
+            sweeper = asyncio.create_task(
+                admin.run_sweeps(settings.adapters.sweep_interval_s), name="adapter-sweeper"
+            )
             app.state.services = Services(tenants, generation, admin, monitor, metrics)
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await engine_adapters.aclose()
+            if admin is not None:  # after the slots: cancelled loads can still collect files
+                await admin.aclose()
             if monitor_task is not None:
                 monitor_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

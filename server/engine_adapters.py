@@ -67,6 +67,7 @@ class EngineAdapters:
         self._reserved = 0
         self._slots = asyncio.Lock()
         self._became_idle = asyncio.Event()
+        self._idle_listeners: list[Callable[[str], None]] = []
 
     @property
     def loaded(self) -> list[str]:
@@ -74,6 +75,15 @@ class EngineAdapters:
 
     def in_use(self, digest: str) -> bool:
         return self._in_flight[digest] > 0 or digest in self._loading
+
+    def on_idle(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(digest)` on the event loop whenever `in_use(digest)` turns false: its
+        last pin released, or its load ended with no pin left. It must not block or raise."""
+        self._idle_listeners.append(listener)
+
+    def _notify_idle(self, digest: str) -> None:
+        for listener in self._idle_listeners:
+            listener(digest)
 
     async def acquire(self, digest: str) -> AdapterLease:
         """Pin the adapter, loading it if needed; the caller must `release()` the lease."""
@@ -111,6 +121,8 @@ class EngineAdapters:
         if self._in_flight[digest] <= 0:
             del self._in_flight[digest]
             self._became_idle.set()
+            if digest not in self._loading:
+                self._notify_idle(digest)
 
     async def _load(self, digest: str) -> None:
         """Runs as its own task, in `_loading` until it ends; its outcome reaches every waiter."""
@@ -134,6 +146,8 @@ class EngineAdapters:
             if reserved:
                 self._reserved -= 1
             del self._loading[digest]
+            if not self._in_flight[digest]:
+                self._notify_idle(digest)
 
     async def _reserve_slot(self) -> None:
         deadline = time.monotonic() + self._wait_for_slot_s

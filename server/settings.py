@@ -67,6 +67,10 @@ class AdapterSettings(BaseModel):
     max_per_tenant: int = Field(1000, ge=1, le=100_000)
     # How long a request waits for an adapter slot when every loaded adapter is busy.
     wait_for_slot_s: float = Field(30, gt=0, le=600)
+    # An unreferenced adapter version younger than this is not swept: another replica sharing
+    # the store may be between storing it and writing its record.
+    orphan_grace_s: float = Field(600, ge=60, le=86400)
+    sweep_interval_s: float = Field(3600, ge=10, le=86400)  # also once at start-up
 
 
 class LimitSettings(BaseModel):
@@ -102,7 +106,11 @@ class RedisSettings(BaseModel):
     # Opening a connection gets longer: a burst opens many at once. A dead Redis refuses them
     # at once; only an unreachable host costs this, once per retry period.
     connect_timeout_s: float = Field(1, gt=0, le=30)
-    # After a failure, Redis is left alone this long (requests go on without it), then tried again.
+    # This many failed calls in a row open the breaker (a refused connection opens it at once).
+    # One slow reply is usually a busy host, not a dead Redis: it must not cost the cache.
+    failure_threshold: int = Field(3, ge=1, le=1000)
+    # An open breaker leaves Redis alone this long (requests go on without it), then one call
+    # tries it again: success closes the breaker, failure opens it for another period.
     retry_after_s: float = Field(2, gt=0, le=300)
     key_prefix: str = Field("loragate", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -81,6 +82,9 @@ async def dies_mid_stream(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     event = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}\n\n'
     await send({"type": "http.response.body", "body": event, "more_body": True})
+    # Dead a moment after the event, not in the same instant: on a loaded machine the client
+    # would otherwise see the reset before it read the event (aiohttp then drops the buffer).
+    await asyncio.sleep(0.2)
     raise RuntimeError("engine died")  # the server drops the connection mid-body
 
 
