@@ -187,11 +187,12 @@ class LocalAdapterStore:
             except OSError as exc:
                 # Renaming a dir onto a non-empty one fails: a concurrent put of this digest won,
                 # and its bytes are ours. Unless a delete took it in between: then publish ours.
-                lost_race = exc.errno in (errno.ENOTEMPTY, errno.EEXIST)
-                if lost_race and target.is_dir():
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                with contextlib.suppress(FileNotFoundError):  # else a delete took it: retry
                     os.utime(target)
                     return False
-                if not lost_race or attempt == _PUBLISH_ATTEMPTS - 1:
+                if attempt == _PUBLISH_ATTEMPTS - 1:
                     raise
                 continue
             fsync_dir(self._blobs)
