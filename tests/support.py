@@ -3,6 +3,7 @@ the request count of a vLLM engine from its own metrics."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,3 +46,18 @@ def settled_vllm_requests(engine_url: str, at_least: float) -> float:
         time.sleep(0.1)
     time.sleep(1)
     return vllm_finished_requests(engine_url)
+
+
+def fake_serve_env(tmp_path: Path, *, port: int, metrics_port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `loragate serve` subprocess on the fake engine: the test tenants, its
+    own cache dir under `tmp_path`, the given public and metrics ports, and `extra` on top."""
+    return {
+        **os.environ,
+        "LORAGATE_ENGINE__KIND": "fake",
+        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp_path / "tenants.yaml")),
+        "LORAGATE_CACHE_DIR": str(tmp_path / "cache"),
+        "LORAGATE_MODEL__PATH": str(tmp_path / "model"),
+        "LORAGATE_PORT": str(port),
+        "LORAGATE_METRICS__PORT": str(metrics_port),
+        **extra,
+    }

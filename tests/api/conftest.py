@@ -99,16 +99,24 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @contextlib.contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` on a free loopback port from a thread; yields its base URL."""
+def serving(app: ASGIApp, *, lifespan: bool = False) -> Iterator[str]:
+    """Serve `app` on a free loopback port from a thread; yields its base URL. With `lifespan`,
+    the app's lifespan runs too (a gateway's services live there)."""
     port = free_loopback_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on" if lifespan else "off",
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"engine-{port}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the engine did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.005)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -18,14 +17,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from starlette.requests import Request
 
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
 from server.app import create_app
 from server.engine_adapters import engine_name
-from server.engine_process import free_loopback_port
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.routes.openai_api import _close_stream, _unless_disconnected
 from server.serving import OpenStream
@@ -37,27 +34,6 @@ from tests.support import ADMIN_KEY, TENANT_KEYS
 CHAT = "/v1/chat/completions"
 TENANT = {"Authorization": f"Bearer {TENANT_KEYS['acme']}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-@contextlib.contextmanager
-def serving_with_lifespan(app: FastAPI) -> Iterator[str]:
-    """Like conftest's `serving`, with the app's lifespan run: the gateway's services live there."""
-    port = free_loopback_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @dataclass
@@ -105,7 +81,7 @@ def served(tmp_path: Path, knobs: FakeEngineKnobs, max_running: int) -> Iterator
     fake = create_fake_engine_app(knobs)
     with serving(fake) as fake_url:
         app = create_app(settings, engine=engine_at(fake_url))
-        with serving_with_lifespan(app) as url:
+        with serving(app, lifespan=True) as url:
             yield Served(url, app, fake)
 
 

@@ -4,7 +4,6 @@ it; names from the URL cannot forge log lines."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, Gateway
 from tests.api.test_adapters_admin import URL, upload
 from tests.api.test_openai_routes import chat_body
-from tests.support import write_tenants_file
+from tests.support import fake_serve_env
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
 TOKENS = 'loragate_generation_tokens_total{kind="completion",model="acme/helper"}'
@@ -103,15 +102,7 @@ def test_name_with_line_break_logs_one_line(
 def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
     """`loragate serve` with the fake engine; (process, public port, metrics port, log)."""
     port, metrics_port = free_loopback_port(), free_loopback_port()
-    env = {
-        **os.environ,
-        "LORAGATE_ENGINE__KIND": "fake",
-        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp_path / "tenants.yaml")),
-        "LORAGATE_CACHE_DIR": str(tmp_path / "cache"),
-        "LORAGATE_MODEL__PATH": str(tmp_path / "model"),
-        "LORAGATE_PORT": str(port),
-        "LORAGATE_METRICS__PORT": str(metrics_port),
-    }
+    env = fake_serve_env(tmp_path, port=port, metrics_port=metrics_port)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([LORAGATE, "serve"], env=env, stdout=out, stderr=out)
@@ -150,14 +141,9 @@ def test_serve_with_taken_metrics_port_exits_before_the_engine(tmp_path: Path) -
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {
-            **os.environ,
-            "LORAGATE_ENGINE__KIND": "fake",
-            "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp_path / "tenants.yaml")),
-            "LORAGATE_CACHE_DIR": str(tmp_path / "cache"),
-            "LORAGATE_PORT": str(free_loopback_port()),
-            "LORAGATE_METRICS__PORT": str(taken.getsockname()[1]),
-        }
+        env = fake_serve_env(
+            tmp_path, port=free_loopback_port(), metrics_port=taken.getsockname()[1]
+        )
         done = subprocess.run(
             [LORAGATE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
         )

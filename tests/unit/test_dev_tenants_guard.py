@@ -4,7 +4,6 @@ the address rule, the loader, and `loragate serve` refusing before any engine is
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from server.app import DEV_TENANTS_WARNING, load_tenants
 from server.engine_process import free_loopback_port
 from server.settings import Settings
 from server.tenants import DevTenantsExposedError, is_loopback_host, open_tenants_file
-from tests.support import write_tenants_file
+from tests.support import fake_serve_env, write_tenants_file
 
 DEV_FILE = Path(__file__).resolve().parents[2] / "deploy" / "dev" / "tenants.dev.yaml"
 LORAGATE = str(Path(sys.executable).parent / "loragate")
@@ -75,14 +74,12 @@ def test_app_refuses_dev_file_on_reachable_host() -> None:
 def test_serve_on_all_interfaces_with_dev_file_exits_before_starting_anything(
     tmp_path: Path,
 ) -> None:
-    env = {
-        **os.environ,
-        "LORAGATE_ENGINE__KIND": "fake",
-        "LORAGATE_TENANTS_FILE": str(DEV_FILE),
-        "LORAGATE_CACHE_DIR": str(tmp_path / "cache"),
-        "LORAGATE_PORT": str(free_loopback_port()),
-        "LORAGATE_METRICS__PORT": str(free_loopback_port()),
-    }
+    env = fake_serve_env(
+        tmp_path,
+        port=free_loopback_port(),
+        metrics_port=free_loopback_port(),
+        LORAGATE_TENANTS_FILE=str(DEV_FILE),
+    )
     env.pop("LORAGATE_ALLOW_DEV_TENANTS", None)
     done = subprocess.run(
         [LORAGATE, "serve", "--host", "0.0.0.0"],

@@ -5,7 +5,6 @@ Real sockets against a real `loragate serve` with the fake engine."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 from server.engine_process import free_loopback_port
 from server.settings import ServerSettings, Settings
-from tests.support import write_tenants_file
+from tests.support import fake_serve_env
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
 HEADER_TIMEOUT_S = 1.5
@@ -52,16 +51,7 @@ class Served:
 def served_gateway(tmp_path: Path, **env: str) -> Iterator[Served]:
     """`loragate serve` with the fake engine and `env` on top, ready; stopped with SIGTERM."""
     port, metrics_port = free_loopback_port(), free_loopback_port()
-    full_env = {
-        **os.environ,
-        "LORAGATE_ENGINE__KIND": "fake",
-        "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp_path / "tenants.yaml")),
-        "LORAGATE_CACHE_DIR": str(tmp_path / "cache"),
-        "LORAGATE_MODEL__PATH": str(tmp_path / "model"),
-        "LORAGATE_PORT": str(port),
-        "LORAGATE_METRICS__PORT": str(metrics_port),
-        **env,
-    }
+    full_env = fake_serve_env(tmp_path, port=port, metrics_port=metrics_port, **env)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([LORAGATE, "serve"], env=full_env, stdout=out, stderr=out)
