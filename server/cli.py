@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from server.cli_adapters import adapters_app
-from server.http_protocol import head_timeout_h11_protocol
+from server.http_protocol import bounded_h11_protocol
 from server.log_format import EscapingFormatter
 from server.model_prepare import ModelPrepareError, prepare_default_model
 from server.settings import Settings
@@ -128,7 +128,7 @@ def run_server(settings: Settings) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # h11, not httptools (uvicorn's pick when it is installed): httptools has no bound on
         # the request head, it buffers headers of any size.
-        http=head_timeout_h11_protocol(settings.server.header_timeout_s),
+        http=bounded_h11_protocol(settings.server.header_timeout_s, settings.server.send_timeout_s),
         h11_max_incomplete_event_size=settings.server.max_header_bytes,
         timeout_keep_alive=settings.server.keep_alive_timeout_s,
         limit_concurrency=settings.server.max_connections,

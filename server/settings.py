@@ -142,6 +142,9 @@ class ServerSettings(BaseModel):
     # From connecting (or the first byte after a response) to the end of the request's headers;
     # the connection is closed past it. uvicorn has no such timeout: loragate adds it.
     header_timeout_s: float = Field(10, gt=0, le=300)
+    # A response's writes may stall this long (the client reads nothing: its socket buffers are
+    # full) before the connection is aborted and the request's engine slot and quota freed.
+    send_timeout_s: float = Field(30, gt=0, le=3600)
     # An idle connection between requests is closed after this. Behind a load balancer that
     # reuses connections, set it above the balancer's idle timeout.
     keep_alive_timeout_s: int = Field(5, ge=1, le=3600)

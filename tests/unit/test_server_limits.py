@@ -131,6 +131,7 @@ def test_defaults_are_a_production_servers() -> None:
     server = Settings().server
     assert server.max_header_bytes == 64 << 10
     assert server.header_timeout_s == 10
+    assert server.send_timeout_s == 30
     assert server.keep_alive_timeout_s == 5
     assert server.max_connections == 2048
 
@@ -143,8 +144,10 @@ def test_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(
-    "field", [{"max_header_bytes": 1024}, {"header_timeout_s": 0}, {"max_connections": 0}]
-)
+    "field",
+    [{"max_header_bytes": 1024}, {"header_timeout_s": 0}, {"send_timeout_s": 0},
+     {"max_connections": 0}],
+)  # fmt: skip
 def test_unbounded_or_unusable_limits_are_refused(field: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         ServerSettings.model_validate(field)
