@@ -98,13 +98,13 @@ def shared_state(
 ) -> tuple[RedisLink | None, ResultStore, TenantLimiter]:
     """The result store and limit counts: in Redis (shared by replicas) when it is configured,
     else in this process."""
-    slot_ttl_s = settings.engine.request_timeout_s + 60  # a dead replica's slots come back
+    lease_ttl_s = settings.redis.lease_ttl_s
     if settings.redis_url is None:
         store = MemoryResultStore(settings.cache.memory_max_bytes, settings.cache.ttl_s)
-        return None, store, TenantLimiter(None, metrics, slot_ttl_s)
+        return None, store, TenantLimiter(None, metrics, lease_ttl_s)
     link = RedisLink(str(settings.redis_url), settings.redis, metrics)
     redis_store = RedisResultStore(link, settings.cache.ttl_s, settings.cache.coalesce_wait_s)
-    return link, redis_store, TenantLimiter(RedisLimits(link), metrics, slot_ttl_s)
+    return link, redis_store, TenantLimiter(RedisLimits(link), metrics, lease_ttl_s)
 
 
 def create_app(
@@ -125,6 +125,7 @@ def create_app(
             the_engine, settings.engine, settings.model, metrics, process, on_fatal
         )
         monitor_task: asyncio.Task[None] | None = None
+        lease_keeper: asyncio.Task[None] | None = None
         sweeper: asyncio.Task[None] | None = None
         admin: AdapterAdminService | None = None
         redis_link, result_store, limiter = shared_state(settings, metrics)
@@ -145,6 +146,7 @@ def create_app(
             if redis_link is not None and not await redis_link.check():
                 logger.warning("Redis is not reachable: serving without it until it is")
             monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
+            lease_keeper = asyncio.create_task(limiter.run(), name="lease-keeper")
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
                 settings, the_engine, monitor, metrics, bounds, registry, engine_adapters,
@@ -162,10 +164,11 @@ def create_app(
             app.state.services = Services(tenants, generation, admin, monitor, metrics)
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, lease_keeper):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await engine_adapters.aclose()
             if admin is not None:  # after the slots: cancelled loads can still collect files
                 await admin.aclose()

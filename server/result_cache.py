@@ -6,6 +6,9 @@ replicas (Redis), the leader claims the key in Redis and the other replicas' lea
 the value appears or the claim goes. A follower whose leader fails or is cancelled goes on and
 computes the result itself; a follower never waits longer than `coalesce_wait_s`.
 
+With Redis, the first read and claim are made by the tenant limiter's admission script, in the
+same round trip as the request's limits (`probe`); `lookup` then starts from its outcome.
+
 A cache failure never fails a request: it is counted (`error`) and the request is served uncached.
 """
 
@@ -19,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.cache_policy import CachePlan, CacheStatus
+from server.limit_backends import CacheProbe, ProbeOutcome
 from server.metrics import Metrics
 from server.redis_link import RedisUnavailableError
 from server.result_store import ResultStore
@@ -65,19 +69,33 @@ class ResultCache:
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
 
+    def probe(self, plan: CachePlan) -> CacheProbe | None:
+        """What the admission script should read and claim for `plan`; None: nothing (no
+        lookup, or a store outside Redis)."""
+        if plan.key is None or not plan.read:
+            return None
+        return self._store.probe(plan.key)
+
     @contextlib.asynccontextmanager
-    async def lookup(self, plan: CachePlan) -> AsyncIterator[Lookup]:
+    async def lookup(
+        self, plan: CachePlan, probed: ProbeOutcome | None = None
+    ) -> AsyncIterator[Lookup]:
+        """Look `plan` up, starting from what the admission script found (`probed`) if it
+        probed the key."""
         key = plan.key
         if key is None or not plan.read:
             self._count("bypass")
             yield Lookup("bypass", None, self, key, plan.write)
             return
-        value, failed = await self._get(key)
+        if probed is None:
+            value, failed = await self._get(key)
+        else:
+            value, failed = probed.value, False
         if value is not None:
             self._count("hit")
             yield Lookup("hit", value)
             return
-        value, flight = await self._join(key)
+        value, flight = await self._join(key, probed)
         if value is not None:
             self._count("hit")
             yield Lookup("hit", value)
@@ -109,12 +127,19 @@ class ResultCache:
         self._metrics.cache_seconds.labels("get").observe(time.perf_counter() - started)
         return value, False
 
-    async def _join(self, key: str) -> tuple[bytes | None, _Flight | None]:
+    async def _join(
+        self, key: str, probed: ProbeOutcome | None
+    ) -> tuple[bytes | None, _Flight | None]:
         """Wait for an identical request in flight, or lead one. Returns (value, None) when
         another request computed it, (None, flight) when the caller leads, (None, None) when
-        the caller should compute on its own."""
+        the caller should compute on its own. A caller whose admission claimed the key in
+        Redis leads at once: it must never wait while holding the claim others wait on."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
+        if probed is not None and probed.claimed:
+            flight = _Flight(key, loop.create_future(), claimed=True)
+            self._flights[key] = flight.future
+            return None, flight
         while (leader := self._flights.get(key)) is not None:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -128,10 +153,12 @@ class ResultCache:
         flight = _Flight(key, loop.create_future())
         self._flights[key] = flight.future
         try:
-            try:
-                flight.claimed = await self._store.claim(key)
-            except RedisUnavailableError:
-                return None, flight  # lead within this process only
+            if probed is None:
+                try:
+                    flight.claimed = await self._store.claim(key)
+                except RedisUnavailableError:
+                    return None, flight  # lead within this process only
+            # else: the admission script found the claim held by another request
             if not flight.claimed:
                 value = await self._wait_remote(key, deadline)
                 if value is not None:

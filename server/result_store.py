@@ -15,6 +15,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
+from server.limit_backends import CacheProbe
 from server.redis_link import RedisLink
 
 
@@ -33,6 +34,10 @@ class ResultStore(Protocol):
 
     async def poll(self, key: str) -> tuple[bytes | None, bool]:
         """The value if it is there yet, and whether another replica still claims the key."""
+        ...
+
+    def probe(self, key: str) -> CacheProbe | None:
+        """How the admission script reads and claims `key` in Redis; None: not in Redis."""
         ...
 
 
@@ -76,6 +81,9 @@ class MemoryResultStore:
 
     async def poll(self, key: str) -> tuple[bytes | None, bool]:
         return await self.get(key), False
+
+    def probe(self, key: str) -> CacheProbe | None:
+        return None
 
 
 # Delete the claim only if it is still ours: it may have expired and been taken by another.
@@ -135,3 +143,8 @@ class RedisResultStore:
             return value, bool(claimed)
 
         return await self._link.call("cache_poll", poll)
+
+    def probe(self, key: str) -> CacheProbe:
+        return CacheProbe(
+            self._value_key(key), True, self._claim_key(key), self._owner, self._claim_ttl_ms
+        )

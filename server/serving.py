@@ -1,7 +1,8 @@
 """The generation service: resolves a tenant's `model` (the base model or one of its adapters),
 checks the request's bounds and the tenant's request rate, answers from the result cache when it
 can, and otherwise takes the tenant's token and concurrency quota, a turn on the engine and a pin
-on the adapter, and hands back the result or an SSE byte stream. No FastAPI in here.
+on the adapter, and hands back the result or an SSE byte stream. With Redis, the rate, the cache
+lookup and the quota are one round trip (`TenantLimiter.admit`). No FastAPI in here.
 
 Everything a request holds is entered on one AsyncExitStack, released in reverse order however
 the request ends; a stream takes the stack with it and releases it when the response closes.
@@ -38,7 +39,7 @@ from server.protocol import (
     dump_json,
 )
 from server.request_bounds import RequestBounds, RequestBudget
-from server.result_cache import ResultCache
+from server.result_cache import Lookup, ResultCache
 from server.settings import Settings
 from server.sse_relay import RelayOptions, relay_events
 from server.stream_capture import StreamCapture, replay_events
@@ -137,10 +138,10 @@ class GenerationService:
         job = await self._prepare(tenant, request)
         async with AsyncExitStack() as stack:
             plan = self._plan(job, tenant, directives)
-            lookup = await stack.enter_async_context(self._cache.lookup(plan))
+            lookup, admitted = await self._admit_and_look_up(stack, tenant, job, plan)
             if lookup.value is not None:
                 return Generated(lookup.value, "hit")
-            reservation, lease = await self._engine_turn(stack, tenant, job)
+            reservation, lease = await self._engine_turn(stack, tenant, job, admitted)
             result = await self._on_engine(
                 job.target, lease, job.body, lambda: self._engine.generate(job.kind, job.body)
             )
@@ -167,11 +168,11 @@ class GenerationService:
         forward_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         async with AsyncExitStack() as stack:
             plan = self._plan(job, tenant, directives)
-            lookup = await stack.enter_async_context(self._cache.lookup(plan))
+            lookup, admitted = await self._admit_and_look_up(stack, tenant, job, plan)
             if lookup.value is not None:
                 replayed = _iterate(replay_events(lookup.value, chat, forward_usage))
                 return OpenStream(replayed, stack.pop_all().aclose, "hit")
-            reservation, lease = await self._engine_turn(stack, tenant, job)
+            reservation, lease = await self._engine_turn(stack, tenant, job, admitted)
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             upstream = await self._on_engine(
                 job.target, lease, body, lambda: self._engine.open_stream(job.kind, body)
@@ -210,21 +211,34 @@ class GenerationService:
         )
         return CachePlan(key, read=not directives.no_cache, write=not directives.no_store)
 
+    async def _admit_and_look_up(
+        self, stack: AsyncExitStack, tenant: Tenant, job: Job, plan: CachePlan
+    ) -> tuple[Lookup, TokenReservation | None]:
+        """Count the request against the tenant's limits and look it up in the cache: with
+        Redis both in one round trip, which also takes the engine quota of a request that will
+        need the engine (returned, and settled on `stack`)."""
+        admitted = await self._limiter.admit(
+            tenant, job.budget.most_tokens, self._cache.probe(plan)
+        )
+        if admitted.reservation is not None:
+            _settle_on(stack, admitted.reservation)
+        lookup = await stack.enter_async_context(self._cache.lookup(plan, admitted.probe))
+        return lookup, admitted.reservation
+
     async def _engine_turn(
-        self, stack: AsyncExitStack, tenant: Tenant, job: Job
+        self,
+        stack: AsyncExitStack,
+        tenant: Tenant,
+        job: Job,
+        reservation: TokenReservation | None,
     ) -> tuple[TokenReservation, AdapterLease | None]:
         """Take what an engine request holds, each released on `stack`: the tenant's token and
-        concurrency quota (429), a turn on the engine (503), a pin on the adapter."""
+        concurrency quota (429; unless admission took it), a turn on the engine (503), a pin
+        on the adapter."""
         self._monitor.ensure_ready()
-        reservation = await self._limiter.reserve(tenant, job.budget.most_tokens)
-
-        async def settle(
-            _: type[BaseException] | None, exc: BaseException | None, __: TracebackType | None
-        ) -> bool:
-            await reservation.close(engine_refused=engine_refused(exc))
-            return False
-
-        stack.push_async_exit(settle)
+        if reservation is None:
+            reservation = await self._limiter.reserve(tenant, job.budget.most_tokens)
+            _settle_on(stack, reservation)
         stack.callback(await self._admission.acquire())
         lease = await self._lease(job.target)
         if lease is not None:
@@ -317,7 +331,6 @@ class GenerationService:
     async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
         target = await self._resolve(tenant, request.model)
         budget = await self._bounds.check(request)
-        await self._limiter.check_request(tenant)  # every request, cache hits included
         body = request.engine_body()
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = budget.max_tokens
@@ -325,6 +338,18 @@ class GenerationService:
             "chat" if isinstance(request, ChatCompletionRequest) else "completions"
         )
         return Job(target, kind, body, budget)
+
+
+def _settle_on(stack: AsyncExitStack, reservation: TokenReservation) -> None:
+    """Settle `reservation` when `stack` closes: unused tokens back, the slot released."""
+
+    async def settle(
+        _: type[BaseException] | None, exc: BaseException | None, __: TracebackType | None
+    ) -> bool:
+        await reservation.close(engine_refused=engine_refused(exc))
+        return False
+
+    stack.push_async_exit(settle)
 
 
 async def _iterate(events: list[bytes]) -> AsyncIterator[bytes]:

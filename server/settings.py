@@ -112,6 +112,9 @@ class RedisSettings(BaseModel):
     # An open breaker leaves Redis alone this long (requests go on without it), then one call
     # tries it again: success closes the breaker, failure opens it for another period.
     retry_after_s: float = Field(2, gt=0, le=300)
+    # A tenant's concurrency lease in Redis expires this long after its last renewal; a running
+    # request renews it every third of this. A replica that dies gives its slots back within it.
+    lease_ttl_s: float = Field(30, ge=3, le=3600)
     key_prefix: str = Field("loragate", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 

@@ -3,12 +3,16 @@ and across two gateways sharing Redis."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.redis_link import RedisLink
 from tests.api.conftest import make_settings, running_gateway, serving
 from tests.api.test_errors import assert_envelope
 from tests.api.test_openai_routes import chat_body
@@ -124,3 +128,90 @@ def test_two_replicas_share_one_limit_through_redis(
     else:
         # Each replica enforces the limit alone: twice the limit gets through, no more.
         assert statuses == [200] * 8
+
+
+def slots_held(redis: RedisServer, tenant: str) -> int:
+    reply = redis.command("ZCARD", f"loragate:limits:{tenant}:concurrent")
+    return int(reply.strip().lstrip(b":"))
+
+
+def test_a_redis_stall_as_requests_end_costs_the_tenant_no_slots(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer
+) -> None:
+    """Releases made while the gateway skips a stalled Redis (SIGSTOP; the breaker open, so
+    they never reach it) are made once Redis is back: the tenant gets its full concurrency at
+    once, not after the leases expire."""
+    settings = make_settings(
+        tmp_path,
+        limits={"acme": {"max_concurrent": 2}},
+        redis_url=redis.url,
+        redis={"timeout_s": 0.1, "retry_after_s": 0.5, "failure_threshold": 1,
+               "lease_ttl_s": 600},
+    )  # fmt: skip
+    knobs.ttft_s = 0.8
+    with running_gateway(settings, knobs) as gw:
+        limiter = gw.app.state.services.generation._limiter
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(gw.send_together, [chat_body(f"held {i}") for i in range(2)])
+            deadline = time.monotonic() + 5
+            while slots_held(redis, "acme") < 2:
+                assert time.monotonic() < deadline, "the requests never took their slots"
+                time.sleep(0.02)
+            redis.pause()
+            try:
+                # A call that times out opens the breaker: the gateway skips Redis.
+                assert (
+                    post(gw, chat_body("opens the breaker", **GREEDY), "globex").status_code == 200
+                )
+                assert (
+                    gw.app.state.services.metrics.registry.get_sample_value("loragate_redis_up")
+                    == 0
+                )
+                # Both requests end while Redis is skipped: their releases are kept for later.
+                assert [r.status_code for r in running.result(timeout=10)] == [200, 200]
+                assert limiter.unreleased == 2
+            finally:
+                redis.resume()
+        deadline = time.monotonic() + 5
+        while slots_held(redis, "acme") > 0 or limiter.unreleased > 0:
+            assert time.monotonic() < deadline, "the missed releases were never made"
+            time.sleep(0.1)
+        knobs.ttft_s = 0.3
+        responses = gw.send_together([chat_body(f"after {i}") for i in range(2)])
+        assert [r.status_code for r in responses] == [200, 200]
+
+
+def test_a_cacheable_request_checks_its_limits_and_the_cache_in_one_round_trip(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        limits={
+            "acme": {"requests_per_minute": 100, "tokens_per_minute": 10_000, "max_concurrent": 4}
+        },
+        redis_url=redis.url,
+    )
+    calls: list[str] = []
+    real_call = RedisLink.call
+
+    async def counted(self: RedisLink, op: str, command: Any) -> Any:
+        calls.append(op)
+        return await real_call(self, op, command)
+
+    monkeypatch.setattr(RedisLink, "call", counted)
+    with running_gateway(settings, knobs) as gw:
+        body = chat_body("counted trips", stream=True, **GREEDY)
+        calls.clear()
+        engine_calls = gw.engine_calls
+        with gw.client.stream("POST", "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status_code == 200 and cache_of(r) == "miss"
+            r.read()
+        assert gw.engine_calls == engine_calls + 1
+        # Before the engine: one script (rate, cache read and claim, slot, tokens). After: the
+        # result stored, the claim dropped, unused tokens given back, the slot released.
+        assert calls[0] == "admit" and calls.count("admit") == 1
+        assert sorted(calls[1:]) == ["cache_put", "cache_unclaim", "limit_give", "limit_release"]
+        calls.clear()
+        assert cache_of(post(gw, {**body, "stream": False})) == "hit"
+        assert calls == ["admit"]  # a hit takes no slot or tokens
+        assert slots_held(redis, "acme") == 0

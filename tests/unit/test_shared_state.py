@@ -113,15 +113,38 @@ async def test_bucket_refills_and_takes_refunds(limits: LimitBackend) -> None:
     assert await limits.take("t:slow", 100, slow, 100) == 0
 
 
-async def test_slots_are_bounded_released_and_expire(limits: LimitBackend) -> None:
+async def test_slots_are_bounded_and_released(limits: LimitBackend) -> None:
     assert await limits.acquire_slot("t:c", 2, "a", 60)
     assert await limits.acquire_slot("t:c", 2, "b", 60)
     assert not await limits.acquire_slot("t:c", 2, "c", 60)
     await limits.release_slot("t:c", "a")
     assert await limits.acquire_slot("t:c", 2, "c", 60)
+
+
+async def test_local_slots_never_expire() -> None:
+    # Nothing can die holding a lease in this process without the process dying too.
+    limits = LocalLimits()
+    assert await limits.acquire_slot("t:c", 1, "a", 0.01)
+    await asyncio.sleep(0.05)
+    assert not await limits.acquire_slot("t:c", 1, "b", 60)
+
+
+async def test_redis_leases_expire_unless_renewed(link: RedisLink) -> None:
+    limits = RedisLimits(link)
     assert await limits.acquire_slot("t:short", 1, "x", 0.05)
     await asyncio.sleep(0.1)  # its holder died: the lease expired
-    assert await limits.acquire_slot("t:short", 1, "y", 60)
+    assert await limits.acquire_slot("t:short", 1, "y", 0.3)
+    for _ in range(3):  # renewed past its first expiry, it still holds the slot
+        await asyncio.sleep(0.15)
+        await limits.renew_slots({"t:short": ["y"]}, 0.3)
+    assert not await limits.acquire_slot("t:short", 1, "z", 60)
+    await limits.release_slots([("t:short", "y")])
+    assert await limits.acquire_slot("t:short", 1, "z", 0.05)
+    await asyncio.sleep(0.1)
+    # A lease that expired while Redis was away is put back: its request still runs.
+    await limits.renew_slots({"t:short": ["z"], "t:other": ["a", "b"]}, 60)
+    assert not await limits.acquire_slot("t:short", 1, "w", 60)
+    assert not await limits.acquire_slot("t:other", 2, "c", 60)
 
 
 async def test_redis_limits_are_shared_by_replicas(redis: RedisServer) -> None:
