@@ -125,7 +125,7 @@ def create_app(
             the_engine, settings.engine, settings.model, metrics, process, on_fatal
         )
         monitor_task: asyncio.Task[None] | None = None
-        lease_keeper: asyncio.Task[None] | None = None
+        keepers: list[asyncio.Task[None]] = []
         sweeper: asyncio.Task[None] | None = None
         admin: AdapterAdminService | None = None
         redis_link, result_store, limiter = shared_state(settings, metrics)
@@ -146,11 +146,16 @@ def create_app(
             if redis_link is not None and not await redis_link.check():
                 logger.warning("Redis is not reachable: serving without it until it is")
             monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
-            lease_keeper = asyncio.create_task(limiter.run(), name="lease-keeper")
+            result_cache = ResultCache(result_store, settings.cache, metrics)
+            # Renew leases, and make the releases Redis missed, in the background.
+            keepers = [
+                asyncio.create_task(limiter.run(), name="lease-keeper"),
+                asyncio.create_task(result_cache.run(), name="claim-keeper"),
+            ]
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
                 settings, the_engine, monitor, metrics, bounds, registry, engine_adapters,
-                ResultCache(result_store, settings.cache, metrics), base_revision(settings),
+                result_cache, base_revision(settings),
                 limiter, EngineAdmission(settings.admission, metrics, engine="local"),
             )  # fmt: skip
             admin = AdapterAdminService(
@@ -164,7 +169,7 @@ def create_app(
             app.state.services = Services(tenants, generation, admin, monitor, metrics)
             yield
         finally:
-            for task in (sweeper, lease_keeper):
+            for task in [sweeper, *keepers]:
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -184,9 +184,10 @@ return 0
 #   ARGV: rpm capacity (0: no limit), rpm rate; read the value (0/1); claim ttl_ms (0: no
 #         claim), claim owner; slot limit (0: no limit), lease, lease ttl_ms; tpm capacity
 #         (0: no limit), tpm rate, tpm amount
-# Returns {answer, number, value}: {'rpm', wait_ms}; {'hit', 0, value}; {'follow'} (another
-# request holds the claim: no slot or tokens taken); {'slot'} refused; {'tpm', wait_ms or -1}
-# refused; {'ok', claimed}. A refusal takes nothing: the slot and claim it took are given back.
+# Returns {answer, number, value}: {'rpm', wait_ms}; {'hit', 0, value}; {'follow', own} (another
+# request holds the claim, own = 1 when it is this owner's: no slot or tokens taken); {'slot'}
+# refused; {'tpm', wait_ms or -1} refused; {'ok', claimed}. A refusal takes nothing: the slot
+# and claim it took are given back.
 _ADMIT = (
     _LUA_NOW_MS
     + _LUA_TAKE
@@ -205,7 +206,10 @@ end
 local claim_ttl = tonumber(ARGV[4])
 local claimed = 0
 if claim_ttl > 0 then
-  if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', claim_ttl) then return {'follow'} end
+  if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'PX', claim_ttl) then
+    if redis.call('GET', KEYS[3]) == ARGV[5] then return {'follow', 1} end
+    return {'follow', 0}
+  end
   claimed = 1
 end
 local function unclaim()
@@ -263,10 +267,12 @@ class CacheProbe:
 @dataclass(frozen=True)
 class ProbeOutcome:
     """The cached value (a hit), or a miss that this request leads (`claimed`) or that another
-    request already computes (neither)."""
+    request already computes: of this replica (`own_claim`; a live one is in flight here, or it
+    is stale: its holder failed to drop it) or of another."""
 
     value: bytes | None
     claimed: bool
+    own_claim: bool = False
 
 
 Answer = Literal["rpm", "hit", "follow", "slot", "tpm", "ok"]
@@ -275,12 +281,14 @@ Answer = Literal["rpm", "hit", "follow", "slot", "tpm", "ok"]
 @dataclass(frozen=True)
 class AdmitAnswer:
     """What the admission script answered: `wait_s` for a bucket refusal (NEVER: the request
-    can never fit), `value` for a hit, `claimed` for an admitted request that holds the claim."""
+    can never fit), `value` for a hit, `claimed` for an admitted request that holds the claim,
+    `own_claim` when the claim another request holds is this owner's."""
 
     answer: Answer
     wait_s: float = 0.0
     value: bytes | None = None
     claimed: bool = False
+    own_claim: bool = False
 
 
 class RedisLimits:
@@ -378,7 +386,7 @@ class RedisLimits:
             case "ok":
                 return AdmitAnswer("ok", claimed=bool(int(reply[1])))
             case "follow":
-                return AdmitAnswer("follow")
+                return AdmitAnswer("follow", own_claim=bool(int(reply[1])))
             case "slot":
                 return AdmitAnswer("slot")
         raise RuntimeError(f"unexpected admission answer {reply!r}")

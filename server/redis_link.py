@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from server.metrics import Metrics
 from server.settings import RedisSettings
@@ -67,7 +67,10 @@ class RedisLink:
         self._threshold = settings.failure_threshold
         self._prefix = settings.key_prefix
         self._metrics = metrics
-        # No client-side retries: a failed call fails now and the caller goes on without Redis.
+        # One client-side retry, on a new connection, and only for a connection error: after
+        # Redis restarts, every pooled connection is dead and fails its next command once; that
+        # must not open the breaker again and again while Redis is back. A timeout is not
+        # retried: the call fails now and the caller goes on without Redis.
         # A blocking pool bounds connections; waiting for one counts against the same timeout.
         pool = BlockingConnectionPool.from_url(
             url,
@@ -75,7 +78,7 @@ class RedisLink:
             timeout=settings.timeout_s,
             socket_timeout=settings.timeout_s,
             socket_connect_timeout=settings.connect_timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self.client = Redis(connection_pool=pool)
         # The breaker. Only the event loop's thread touches it, and no await separates a check

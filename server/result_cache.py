@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 POLL_FIRST_S = 0.01
 POLL_MAX_S = 0.1
+UNCLAIM_RETRY_S = 1.0
+MAX_UNCLAIMS_PER_ROUND = 1000
+MAX_UNCLAIMED = 100_000  # beyond, the oldest is left to expire
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ResultCache:
         self._wait_s = settings.coalesce_wait_s
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
+        self._unclaimed: dict[str, None] = {}  # claims to drop when Redis is back, in order
 
     def probe(self, plan: CachePlan) -> CacheProbe | None:
         """What the admission script should read and claim for `plan`; None: nothing (no
@@ -137,9 +141,7 @@ class ResultCache:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
         if probed is not None and probed.claimed:
-            flight = _Flight(key, loop.create_future(), claimed=True)
-            self._flights[key] = flight.future
-            return None, flight
+            return None, self._lead(key, claimed=True)
         while (leader := self._flights.get(key)) is not None:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -150,15 +152,21 @@ class ResultCache:
                 self._metrics.cache_coalesced.labels("local").inc()
                 return value, None
             # The leader failed or was cancelled: try to lead.
-        flight = _Flight(key, loop.create_future())
-        self._flights[key] = flight.future
+        if probed is not None and probed.own_claim:
+            # This replica's claim, and no request here computes the key any more: its leader
+            # failed to drop it (or just has). Never wait on it.
+            return None, self._lead(key, claimed=True)
+        flight = self._lead(key, claimed=False)
         try:
             if probed is None:
                 try:
                     flight.claimed = await self._store.claim(key)
                 except RedisUnavailableError:
-                    return None, flight  # lead within this process only
-            # else: the admission script found the claim held by another request
+                    # Lead within this process only. The claim (or the admission script's) may
+                    # still land once Redis answers again: drop it then.
+                    self._remember_unclaim(key)
+                    return None, flight
+            # else: the admission script found the claim held by another replica
             if not flight.claimed:
                 value = await self._wait_remote(key, deadline)
                 if value is not None:
@@ -169,6 +177,11 @@ class ResultCache:
         except BaseException:
             await self._land(flight, None)
             raise
+
+    def _lead(self, key: str, claimed: bool) -> _Flight:
+        flight = _Flight(key, asyncio.get_running_loop().create_future(), claimed)
+        self._flights[key] = flight.future
+        return flight
 
     async def _wait_remote(self, key: str, deadline: float) -> bytes | None:
         """Another replica computes `key`: wait for its value, until its claim goes."""
@@ -193,8 +206,42 @@ class ResultCache:
             del self._flights[flight.key]
         if flight.claimed:
             flight.claimed = False
-            with contextlib.suppress(RedisUnavailableError):
+            try:
                 await self._store.unclaim(flight.key)
+            except RedisUnavailableError:
+                self._remember_unclaim(flight.key)
+
+    def _remember_unclaim(self, key: str) -> None:
+        if len(self._unclaimed) >= MAX_UNCLAIMED:
+            del self._unclaimed[next(iter(self._unclaimed))]  # it expires on its own
+        self._unclaimed[key] = None
+
+    async def run(self) -> None:
+        """Drop the claims Redis missed the release of, every second, until cancelled: other
+        replicas would wait on them until they expire (`coalesce_wait_s`)."""
+        while True:
+            await asyncio.sleep(UNCLAIM_RETRY_S)
+            await self.retry_unclaims()
+            # A cancellation that arrived during a Redis call can be lost inside the client
+            # (seen in 3.11: the task stays "cancelling" and sleeps on): honour it here.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+
+    async def retry_unclaims(self) -> None:
+        for key in list(self._unclaimed)[:MAX_UNCLAIMS_PER_ROUND]:
+            if key in self._flights:
+                continue  # a request here computes it: its claim, if any, is live until it ends
+            try:
+                await self._store.unclaim(key)
+            except RedisUnavailableError:
+                return  # Redis is still away: next round
+            self._unclaimed.pop(key, None)
+
+    @property
+    def unclaimed(self) -> int:
+        """Claims whose release Redis has not taken yet."""
+        return len(self._unclaimed)
 
     def _count(self, result: str) -> None:
         self._metrics.cache_requests.labels(result).inc()

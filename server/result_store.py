@@ -27,7 +27,9 @@ class ResultStore(Protocol):
     async def put(self, key: str, value: bytes) -> None: ...
 
     async def claim(self, key: str) -> bool:
-        """True: the caller computes `key` and must `unclaim` it after storing the value."""
+        """True: the caller computes `key` and must `unclaim` it after storing the value. Call
+        it only with no request for `key` in flight in this process: a claim already held by
+        this process is then stale, and taken over."""
         ...
 
     async def unclaim(self, key: str) -> None: ...
@@ -92,6 +94,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Claim the key, or find it already ours: the caller has no request in flight for it here, so a
+# claim of ours is one its leader failed to drop (Redis was away), never to be waited on.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 
 class RedisResultStore:
     def __init__(self, link: RedisLink, ttl_s: int, claim_ttl_s: float) -> None:
@@ -100,6 +113,7 @@ class RedisResultStore:
         self._claim_ttl_ms = max(1, int(claim_ttl_s * 1000))
         self._owner = uuid.uuid4().hex  # this replica, as the value of its claims
         self._unclaim = link.client.register_script(_UNCLAIM)
+        self._claim = link.client.register_script(_CLAIM)
 
     def _value_key(self, key: str) -> str:
         return self._link.key("cache", key)
@@ -121,12 +135,12 @@ class RedisResultStore:
         await self._link.call("cache_put", put)
 
     async def claim(self, key: str) -> bool:
-        async def claim(client: Redis) -> bool:
-            return bool(
-                await client.set(self._claim_key(key), self._owner, nx=True, px=self._claim_ttl_ms)
-            )
-
-        return await self._link.call("cache_claim", claim)
+        args: list[str | int] = [self._owner, self._claim_ttl_ms]
+        claimed = await self._link.call(
+            "cache_claim",
+            lambda c: self._claim(keys=[self._claim_key(key)], args=args, client=c),
+        )
+        return bool(claimed)
 
     async def unclaim(self, key: str) -> None:
         await self._link.call(

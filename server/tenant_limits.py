@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,8 @@ from server.limit_backends import (
 from server.metrics import Metrics
 from server.redis_link import RedisUnavailableError
 from server.tenants import Tenant
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -128,6 +131,9 @@ class TenantLimiter:
             )
         except RedisUnavailableError:
             self._metrics.limit_fallbacks.inc()
+            if limits.max_concurrent:
+                # A script that timed out may still run once Redis answers again.
+                self._remember_release(slot_key, lease)
             await self.check_request(tenant)  # Redis is skipped now: counted in process
             return Admitted(None, None)
         match answer.answer:
@@ -140,7 +146,7 @@ class TenantLimiter:
             case "hit":
                 return Admitted(ProbeOutcome(answer.value, False), None)
             case "follow":
-                return Admitted(ProbeOutcome(None, False), None)
+                return Admitted(ProbeOutcome(None, False, answer.own_claim), None)
         release = self._redis_release(slot_key, lease) if limits.max_concurrent else _nothing
         refund = self._refund(self._shared, f"{name}:tpm", tpm) if tpm else _no_refund
         reservation = TokenReservation(tokens, refund, release)
@@ -175,10 +181,18 @@ class TenantLimiter:
         next_renewal = loop.time() + renew_every
         while True:
             await asyncio.sleep(min(RELEASE_RETRY_S, renew_every))
-            await self.retry_releases()
-            if loop.time() >= next_renewal:
-                next_renewal = loop.time() + renew_every
-                await self.renew_leases()
+            try:
+                await self.retry_releases()
+                if loop.time() >= next_renewal:
+                    next_renewal = loop.time() + renew_every
+                    await self.renew_leases()
+            except Exception:  # a bug here must not stop renewals for the process's life
+                logger.exception("lease upkeep failed; trying again")
+            # A cancellation that arrived during a Redis call can be lost inside the client
+            # (seen in 3.11: the task stays "cancelling" and sleeps on): honour it here.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def renew_leases(self) -> None:
         if self._shared is None or not self._held:
@@ -209,6 +223,9 @@ class TenantLimiter:
         granted, backend = await self._on(
             lambda b: b.acquire_slot(key, limit, lease, self._lease_ttl_s)
         )
+        if backend is self._local and self._shared is not None:
+            # Redis failed: a call that timed out may still run once it answers again.
+            self._remember_release(key, lease)
         if not granted:
             self._reject_concurrent(tenant, limit)
         if backend is self._local:

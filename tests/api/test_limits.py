@@ -215,3 +215,29 @@ def test_a_cacheable_request_checks_its_limits_and_the_cache_in_one_round_trip(
         assert cache_of(post(gw, {**body, "stream": False})) == "hit"
         assert calls == ["admit"]  # a hit takes no slot or tokens
         assert slots_held(redis, "acme") == 0
+
+
+def test_a_request_longer_than_its_lease_keeps_its_slot(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer
+) -> None:
+    """Leases are short (a dead replica's slots come back soon) and renewed while the request
+    runs: a request that outlives its first expiry still holds its slot."""
+    settings = make_settings(
+        tmp_path,
+        limits={"acme": {"max_concurrent": 1}},
+        redis_url=redis.url,
+        redis={"lease_ttl_s": 3},
+    )
+    knobs.ttft_s = 6
+    with running_gateway(settings, knobs) as gw, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, gw, chat_body("long"))
+        deadline = time.monotonic() + 5
+        while slots_held(redis, "acme") < 1:
+            assert time.monotonic() < deadline, "the request never took its slot"
+            time.sleep(0.02)
+        time.sleep(4.5)  # past the lease's first expiry
+        assert slots_held(redis, "acme") == 1
+        refused = post(gw, chat_body("meanwhile"))
+        assert_rate_limited(refused, "max_concurrent")
+        assert running.result(timeout=10).status_code == 200
+        assert slots_held(redis, "acme") == 0

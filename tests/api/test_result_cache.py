@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,3 +258,56 @@ def test_stalled_redis_costs_a_timeout_not_an_error(
         redis.resume()
     assert [r.status_code for r in responses] == [200] * 3
     assert {cache_of(r) for r in responses} == {"bypass"}
+
+
+def claims_held(redis: RedisServer) -> int:
+    reply = redis.command("KEYS", "loragate:claim:*")  # an array: "*<count>" first
+    return int(reply.split(b"\r\n", 1)[0][1:])
+
+
+def test_a_claim_whose_release_redis_missed_does_not_hold_up_identical_requests(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer
+) -> None:
+    """A leader that ends while the gateway skips a stalled Redis cannot drop its coalescing
+    claim; it is dropped once Redis is back, and until then neither replica waits on it."""
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis.url,
+        redis={"timeout_s": 0.1, "retry_after_s": 0.5, "failure_threshold": 1},
+        cache={"coalesce_wait_s": 60},
+    )
+    knobs.ttft_s = 0.8
+    fake = create_fake_engine_app(knobs)
+    body = chat_body("claimed while redis stalls", **GREEDY)
+    with (
+        serving(fake) as fake.state.url,
+        running_gateway(settings, knobs, fake) as a,
+        running_gateway(settings, knobs, fake) as b,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        leader = pool.submit(post, a, body)
+        deadline = time.monotonic() + 5
+        while claims_held(redis) < 1:
+            assert time.monotonic() < deadline, "the leader never claimed the key"
+            time.sleep(0.02)
+        redis.pause()
+        try:
+            # A call that times out opens a's breaker: a skips Redis as its leader ends.
+            other = chat_body("opens the breaker", **GREEDY)
+            assert post(a, other, "globex").status_code == 200
+            assert leader.result(timeout=10).status_code == 200
+            # The leader's claim, and the one the timed-out script may take once Redis runs it.
+            assert a.app.state.services.generation._cache.unclaimed == 2
+        finally:
+            redis.resume()
+        assert claims_held(redis) >= 1  # left behind
+        knobs.ttft_s = 0
+        for gw in (a, b):  # neither waits on it (60 s) for a result that never comes
+            started = time.monotonic()
+            assert post(gw, body).status_code == 200
+            assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 5
+        while claims_held(redis) > 0:
+            assert time.monotonic() < deadline, "the missed release was never made"
+            time.sleep(0.1)
+        assert a.app.state.services.generation._cache.unclaimed == 0

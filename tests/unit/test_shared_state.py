@@ -75,6 +75,9 @@ async def test_redis_claims_exclude_other_replicas(link: RedisLink) -> None:
     theirs = RedisResultStore(link, ttl_s=60, claim_ttl_s=5)
     assert await mine.claim("k")
     assert not await theirs.claim("k")
+    # A replica claims only keys it computes nothing for: finding its own claim, it is stale
+    # (its leader failed to drop it), and taken over.
+    assert await mine.claim("k")
     assert await theirs.poll("k") == (None, True)
     await theirs.unclaim("k")  # not theirs to release
     assert await theirs.poll("k") == (None, True)
