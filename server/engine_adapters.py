@@ -62,6 +62,7 @@ class EngineAdapters:
         # holds the one load task per digest, owned here and shared by every request waiting.
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._in_flight: Counter[str] = Counter()
+        self._held: Counter[str] = Counter()  # requests that resolved a version, not yet ended
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
@@ -74,7 +75,30 @@ class EngineAdapters:
         return list(self._loaded)
 
     def in_use(self, digest: str) -> bool:
-        return self._in_flight[digest] > 0 or digest in self._loading
+        """Whether a request here uses the version (its files must stay): pinned, loading, or
+        held by a request that resolved it and has not ended."""
+        return self._in_flight[digest] > 0 or digest in self._loading or self._held[digest] > 0
+
+    def hold(self, digest: str) -> Callable[[], None]:
+        """Keep the version in use (its files uncollected) from when a request resolves it
+        until the returned release is called, however long the request waits in between. Not
+        a pin: a held adapter may still be unloaded while idle, so waiting requests never keep
+        others from a slot."""
+        self._held[digest] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._held[digest] -= 1
+            if self._held[digest] <= 0:
+                del self._held[digest]
+                if not self.in_use(digest):
+                    self._notify_idle(digest)
+
+        return release
 
     def on_idle(self, listener: Callable[[str], None]) -> None:
         """Call `listener(digest)` on the event loop whenever `in_use(digest)` turns false: its
@@ -121,7 +145,7 @@ class EngineAdapters:
         if self._in_flight[digest] <= 0:
             del self._in_flight[digest]
             self._became_idle.set()
-            if digest not in self._loading:
+            if not self.in_use(digest):
                 self._notify_idle(digest)
 
     async def _load(self, digest: str) -> None:
@@ -146,7 +170,7 @@ class EngineAdapters:
             if reserved:
                 self._reserved -= 1
             del self._loading[digest]
-            if not self._in_flight[digest]:
+            if not self.in_use(digest):
                 self._notify_idle(digest)
 
     async def _reserve_slot(self) -> None:

@@ -75,7 +75,9 @@ class BodySizeLimitMiddleware:
 class MetricsMiddleware:
     """Counts and times every request by route template and status. A client that hangs up
     while sending its body (Starlette's `ClientDisconnect`, wherever the body is read) is a
-    499 and one log line; left to the error handlers it was a 500 and two tracebacks."""
+    499 and one log line; left to the error handlers it was a 500 and two tracebacks. A
+    response the client left before its end (a stream it stopped reading or closed: the app
+    returned without finishing it) is a 499 too, whatever status its head carried."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -87,13 +89,15 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
-        response_started = False
+        response_started = response_ended = False
 
         async def observing_send(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, response_ended
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                response_ended = True
             await send(message)
 
         # The route template is known only after routing: in-flight is counted under the raw
@@ -102,6 +106,8 @@ class MetricsMiddleware:
         self.metrics.in_flight.labels(in_flight_route).inc()
         try:
             await self.app(scope, receive, observing_send)
+            if response_started and not response_ended:
+                status = CLIENT_CLOSED_REQUEST  # the client left mid-response
         except ClientDisconnect:
             # Nothing to answer: the connection is gone. A response already begun keeps its status.
             if not response_started:

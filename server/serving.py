@@ -79,12 +79,15 @@ class Target:
 
 @dataclass(frozen=True)
 class Job:
-    """A request resolved and bounded: what goes to the engine, and what it may cost."""
+    """A request resolved and bounded: what goes to the engine, and what it may cost. `release`
+    ends its hold on the adapter version it resolved (whose files stay until then); the caller
+    calls it, on the exit stack it enters right away, however the request ends."""
 
     target: Target
     kind: GenerationKind
     body: dict[str, Any]
     budget: RequestBudget
+    release: Callable[[], None]
 
 
 class GenerationService:
@@ -137,6 +140,7 @@ class GenerationService:
     ) -> Generated:
         job = await self._prepare(tenant, request)
         async with AsyncExitStack() as stack:
+            stack.callback(job.release)
             plan = self._plan(job, tenant, directives)
             lookup, admitted = await self._admit_and_look_up(stack, tenant, job, plan)
             if lookup.value is not None:
@@ -167,6 +171,7 @@ class GenerationService:
         body, chat = job.body, job.kind == "chat"
         forward_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         async with AsyncExitStack() as stack:
+            stack.callback(job.release)
             plan = self._plan(job, tenant, directives)
             lookup, admitted = await self._admit_and_look_up(stack, tenant, job, plan)
             if lookup.value is not None:
@@ -330,14 +335,25 @@ class GenerationService:
 
     async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
         target = await self._resolve(tenant, request.model)
-        budget = await self._bounds.check(request)
+        # From here the version's files stay, even if the adapter is replaced or deleted while
+        # this request waits (for a claim, the queue, a slot) before it pins the adapter.
+        release = _nothing if target.adapter is None else self._adapters.hold(target.adapter.digest)
+        try:
+            budget = await self._bounds.check(request)
+        except BaseException:
+            release()
+            raise
         body = request.engine_body()
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = budget.max_tokens
         kind: GenerationKind = (
             "chat" if isinstance(request, ChatCompletionRequest) else "completions"
         )
-        return Job(target, kind, body, budget)
+        return Job(target, kind, body, budget, release)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _settle_on(stack: AsyncExitStack, reservation: TokenReservation) -> None:

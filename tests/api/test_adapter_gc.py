@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,8 +17,9 @@ from adapters.store import ORPHAN_GRACE_S, LocalAdapterStore
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
 from server.adapter_admin import AdapterAdminService
 from server.engine_adapters import engine_name
+from server.fake_engine import FakeEngineKnobs
 from tests.adapter_factory import write_peft_adapter
-from tests.api.conftest import Gateway
+from tests.api.conftest import Gateway, make_settings, running_gateway
 from tests.api.test_adapters_admin import store_blobs, upload
 from tests.api.test_errors import assert_envelope
 from tests.api.test_openai_routes import chat_body, sse_events
@@ -159,3 +161,43 @@ def test_the_sweeper_sweeps_at_once_when_it_starts(
         assert wait_until(lambda: orphan not in blob_names(gateway))
     finally:
         sweeper.cancel()
+
+
+@pytest.mark.parametrize("change", ["replace", "delete"])
+def test_a_request_waiting_for_its_turn_keeps_its_versions_files(
+    tmp_path: Path, knobs: FakeEngineKnobs, adapter_dirs: list[Path], change: str
+) -> None:
+    """A request that resolved a version and waits (here in the engine queue, before it pins
+    the adapter) is served by that version even if the adapter is replaced or deleted
+    meanwhile: the files go only when it ends (seen in the soak: 404 adapter_not_found)."""
+    settings = make_settings(tmp_path, admission={"max_running": 1, "max_queued": 4})
+    knobs.ttft_s = 1.0
+    with running_gateway(settings, knobs) as gw, ThreadPoolExecutor(2) as pool:
+        digest = upload(gw, adapter_dirs[0]).json()["digest"]
+        busy = pool.submit(gw.client.post, "/v1/chat/completions", json=chat_body("busy"),
+                           headers=gw.headers())  # fmt: skip
+        registry = gw.app.state.services.metrics.registry
+        assert wait_until(
+            lambda: (
+                registry.get_sample_value("loragate_engine_requests_running", {"engine": "local"})
+                == 1
+            )
+        )
+        body = {**chat_body("waiting"), "model": "helper"}
+        waiting = pool.submit(gw.client.post, "/v1/chat/completions", json=body,
+                              headers=gw.headers())  # fmt: skip
+        assert wait_until(
+            lambda: (
+                registry.get_sample_value("loragate_engine_queue_depth", {"engine": "local"}) == 1
+            )
+        ), "the adapter request never queued"
+        if change == "delete":
+            url = ADAPTERS.format(tenant="acme", name="helper")
+            assert gw.client.delete(url, headers=gw.admin).status_code == 200
+        else:
+            assert upload(gw, adapter_dirs[1], replace="true").status_code == 201
+        assert digest in blob_names(gw)  # held by the waiting request
+        assert busy.result(timeout=10).status_code == 200
+        served = waiting.result(timeout=10)
+        assert served.status_code == 200, served.text
+        assert wait_until(lambda: digest not in blob_names(gw)), "the files were never collected"

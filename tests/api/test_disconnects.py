@@ -216,6 +216,9 @@ async def test_a_client_leaving_mid_stream_releases_everything(
     # Not the ~6 s the stream would have taken: the engine request is aborted, the slot freed.
     assert await eventually(lambda: served.running == served.in_flight == 0, 1.5)
     assert await eventually(lambda: served.stats.in_flight[engine_name(digest)] == 0, 1.5)
+    # Counted as the client's abort, not as a 200 it never got in full.
+    assert served.sample("loragate_requests_total", {"route": CHAT, "status": "499"}) == 1
+    assert served.sample("loragate_requests_total", {"route": CHAT, "status": "200"}) == 0
     await assert_adapter_unpinned(served, adapter_dirs[1], digest)
 
 

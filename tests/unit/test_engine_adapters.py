@@ -123,3 +123,22 @@ def test_lease_release_is_idempotent() -> None:
         assert not adapters.in_use("A")
 
     asyncio.run(run())
+
+
+async def test_a_hold_keeps_the_version_in_use_but_does_not_pin_it() -> None:
+    """A request waiting before its turn holds its version (files stay) without keeping an
+    idle adapter loaded: waiting requests must never keep others from a slot."""
+    adapters, engine = make(capacity=1)
+    idle: list[str] = []
+    adapters.on_idle(idle.append)
+    (await adapters.acquire("A")).release()
+    idle.clear()
+    release = adapters.hold("A")
+    assert adapters.in_use("A")
+    lease_b = await adapters.acquire("B")  # A is idle: evicted for B despite the hold
+    assert engine.loaded == {engine_name("B")}
+    lease_b.release()
+    assert adapters.in_use("A") and idle == ["B"]
+    release()
+    release()  # idempotent
+    assert not adapters.in_use("A") and idle == ["B", "A"]
