@@ -128,7 +128,8 @@ class Metrics:
         )
         self.cache_seconds = Histogram(
             "loragate_cache_seconds",
-            "Result cache operation latency, by operation (get, put).",
+            "Result cache operation latency, by operation (get, put). With Redis the first "
+            "lookup is part of the admission script: see loragate_redis_call_seconds{op=admit}.",
             ["op"],
             buckets=FAST_BUCKETS,
             registry=r,
@@ -149,6 +150,14 @@ class Metrics:
             "loragate_redis_errors_total",
             "Redis calls that failed or timed out, by operation.",
             ["op"],
+            registry=r,
+        )
+        self.redis_call_seconds = Histogram(
+            "loragate_redis_call_seconds",
+            "Redis round trips that succeeded, by operation (admit: a request's limits, cache "
+            "read and claim in one script), and how long each took.",
+            ["op"],
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.limit_rejections = Counter(

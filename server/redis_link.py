@@ -97,6 +97,7 @@ class RedisLink:
         (RedisCircuitOpenError, without touching Redis, while the breaker is open)."""
         probe = self._admit()
         loop = asyncio.get_running_loop()
+        started = loop.time()
         # A marker timer due with the reply's deadline: how late the loop runs it is how late the
         # loop itself was at that moment. redis-py's own read timer is due at about the same time
         # and, after a blocked loop, fires in the same loop iteration, before the task can read a
@@ -116,6 +117,7 @@ class RedisLink:
             if probe:
                 self._probing = False
         self._on_success(probe)
+        self._metrics.redis_call_seconds.labels(op).observe(loop.time() - started)
         return result
 
     def _admit(self) -> bool:
