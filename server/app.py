@@ -103,7 +103,7 @@ def shared_state(
         store = MemoryResultStore(settings.cache.memory_max_bytes, settings.cache.ttl_s)
         return None, store, TenantLimiter(None, metrics, lease_ttl_s)
     link = RedisLink(str(settings.redis_url), settings.redis, metrics)
-    redis_store = RedisResultStore(link, settings.cache.ttl_s, settings.cache.coalesce_wait_s)
+    redis_store = RedisResultStore(link, settings.cache.ttl_s, settings.cache.claim_ttl_s)
     return link, redis_store, TenantLimiter(RedisLimits(link), metrics, lease_ttl_s)
 
 

@@ -2,8 +2,9 @@
 flight (coalescing), or lead: compute, store, and hand the result to those waiting.
 
 Coalescing works at two levels. In this process, followers await the leader's future. Across
-replicas (Redis), the leader claims the key in Redis and the other replicas' leaders poll until
-the value appears or the claim goes. A follower whose leader fails or is cancelled goes on and
+replicas (Redis), the leader claims the key in Redis (a claim that expires unless renewed: its
+leader renews it while it computes) and the other replicas' leaders poll until the value appears
+or the claim goes. A follower whose leader fails or is cancelled goes on and
 computes the result itself; a follower never waits longer than `coalesce_wait_s`.
 
 With Redis, the first read and claim are made by the tenant limiter's admission script, in the
@@ -72,6 +73,8 @@ class ResultCache:
         self._metrics = metrics
         self._flights: dict[str, asyncio.Future[bytes | None]] = {}
         self._unclaimed: dict[str, None] = {}  # claims to drop when Redis is back, in order
+        self._claimed: set[str] = set()  # keys this process leads with a claim in Redis
+        self._renew_every_s = settings.claim_ttl_s / 3
 
     def probe(self, plan: CachePlan) -> CacheProbe | None:
         """What the admission script should read and claim for `plan`; None: nothing (no
@@ -161,6 +164,8 @@ class ResultCache:
             if probed is None:
                 try:
                     flight.claimed = await self._store.claim(key)
+                    if flight.claimed:
+                        self._claimed.add(key)
                 except RedisUnavailableError:
                     # Lead within this process only. The claim (or the admission script's) may
                     # still land once Redis answers again: drop it then.
@@ -181,6 +186,8 @@ class ResultCache:
     def _lead(self, key: str, claimed: bool) -> _Flight:
         flight = _Flight(key, asyncio.get_running_loop().create_future(), claimed)
         self._flights[key] = flight.future
+        if claimed:
+            self._claimed.add(key)
         return flight
 
     async def _wait_remote(self, key: str, deadline: float) -> bytes | None:
@@ -206,6 +213,7 @@ class ResultCache:
             del self._flights[flight.key]
         if flight.claimed:
             flight.claimed = False
+            self._claimed.discard(flight.key)
             try:
                 await self._store.unclaim(flight.key)
             except RedisUnavailableError:
@@ -217,16 +225,29 @@ class ResultCache:
         self._unclaimed[key] = None
 
     async def run(self) -> None:
-        """Drop the claims Redis missed the release of, every second, until cancelled: other
-        replicas would wait on them until they expire (`coalesce_wait_s`)."""
+        """Until cancelled: renew the claims of this process's leaders every third of their
+        lifetime (so a dead replica's claims go soon), and drop the claims Redis missed the
+        release of every second (other replicas would wait on them until they expire)."""
+        loop = asyncio.get_running_loop()
+        next_renewal = loop.time() + self._renew_every_s
         while True:
-            await asyncio.sleep(UNCLAIM_RETRY_S)
+            await asyncio.sleep(min(UNCLAIM_RETRY_S, self._renew_every_s))
             await self.retry_unclaims()
+            if loop.time() >= next_renewal:
+                next_renewal = loop.time() + self._renew_every_s
+                await self.renew_claims()
             # A cancellation that arrived during a Redis call can be lost inside the client
             # (seen in 3.11: the task stays "cancelling" and sleeps on): honour it here.
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
+
+    async def renew_claims(self) -> None:
+        if not self._claimed:
+            return
+        # Failing, they live until their expiry; renewed on the next round.
+        with contextlib.suppress(RedisUnavailableError):
+            await self._store.renew_claims(sorted(self._claimed))
 
     async def retry_unclaims(self) -> None:
         for key in list(self._unclaimed)[:MAX_UNCLAIMS_PER_ROUND]:

@@ -42,6 +42,10 @@ class ResultStore(Protocol):
         """How the admission script reads and claims `key` in Redis; None: not in Redis."""
         ...
 
+    async def renew_claims(self, keys: list[str]) -> None:
+        """Push back the expiry of this process's claims on `keys` (its leaders still run)."""
+        ...
+
 
 class MemoryResultStore:
     def __init__(self, max_bytes: int, ttl_s: float) -> None:
@@ -87,10 +91,21 @@ class MemoryResultStore:
     def probe(self, key: str) -> CacheProbe | None:
         return None
 
+    async def renew_claims(self, keys: list[str]) -> None:
+        return None
+
 
 # Delete the claim only if it is still ours: it may have expired and been taken by another.
 _UNCLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS claims; ARGV owner, ttl_ms. Only claims still ours: one may have expired and been taken.
+_RENEW_CLAIMS = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
+end
 return 0
 """
 
@@ -114,6 +129,7 @@ class RedisResultStore:
         self._owner = uuid.uuid4().hex  # this replica, as the value of its claims
         self._unclaim = link.client.register_script(_UNCLAIM)
         self._claim = link.client.register_script(_CLAIM)
+        self._renew_claims = link.client.register_script(_RENEW_CLAIMS)
 
     def _value_key(self, key: str) -> str:
         return self._link.key("cache", key)
@@ -157,6 +173,14 @@ class RedisResultStore:
             return value, bool(claimed)
 
         return await self._link.call("cache_poll", poll)
+
+    async def renew_claims(self, keys: list[str]) -> None:
+        claim_keys = [self._claim_key(key) for key in keys]
+        args: list[str | int] = [self._owner, self._claim_ttl_ms]
+        await self._link.call(
+            "cache_renew_claims",
+            lambda c: self._renew_claims(keys=claim_keys, args=args, client=c),
+        )
 
     def probe(self, key: str) -> CacheProbe:
         return CacheProbe(

@@ -97,6 +97,10 @@ class CacheSettings(BaseModel):
     memory_max_bytes: int = Field(64 << 20, ge=1 << 20, le=64 << 30)  # the in-process LRU
     # How long an identical request waits for the one in flight before calling the engine itself.
     coalesce_wait_s: float = Field(120, gt=0, le=3600)
+    # A coalescing claim in Redis expires this long after its last renewal (its leader renews it
+    # every third of this while it computes): how long other replicas can be held up by the
+    # claim of a replica that died.
+    claim_ttl_s: float = Field(10, ge=3, le=3600)
 
 
 class RedisSettings(BaseModel):

@@ -311,3 +311,31 @@ def test_a_claim_whose_release_redis_missed_does_not_hold_up_identical_requests(
             assert time.monotonic() < deadline, "the missed release was never made"
             time.sleep(0.1)
         assert a.app.state.services.generation._cache.unclaimed == 0
+
+
+def test_a_leader_computing_longer_than_its_claim_lasts_keeps_it(
+    tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer
+) -> None:
+    """Claims are short (a dead replica holds others up briefly) and renewed by their leader:
+    one that outlives its first expiry still makes the other replica wait, not compute."""
+    settings = make_settings(tmp_path, redis_url=redis.url, cache={"claim_ttl_s": 3})
+    knobs.ttft_s = 5
+    fake = create_fake_engine_app(knobs)
+    body = chat_body("a long computation", **GREEDY)
+    with (
+        serving(fake) as fake.state.url,
+        running_gateway(settings, knobs, fake) as a,
+        running_gateway(settings, knobs, fake) as b,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        leader = pool.submit(post, a, body)
+        deadline = time.monotonic() + 5
+        while claims_held(redis) < 1:
+            assert time.monotonic() < deadline, "the leader never claimed the key"
+            time.sleep(0.02)
+        time.sleep(3.5)  # past the claim's first expiry
+        assert claims_held(redis) == 1
+        follower = post(b, body)
+        assert leader.result(timeout=10).status_code == 200
+        assert follower.status_code == 200 and cache_of(follower) == "hit"
+        assert a.engine_calls == 1  # the shared fake counts both replicas' calls
