@@ -167,8 +167,8 @@ class ResultCache:
                     if flight.claimed:
                         self._claimed.add(key)
                 except RedisUnavailableError:
-                    # Lead within this process only. The claim (or the admission script's) may
-                    # still land once Redis answers again: drop it then.
+                    # Lead within this process only. A claim that reached Redis (this one, or
+                    # the admission script's) may still land once it answers again: drop it then.
                     self._remember_unclaim(key)
                     return None, flight
             # else: the admission script found the claim held by another replica
@@ -250,13 +250,16 @@ class ResultCache:
             await self._store.renew_claims(sorted(self._claimed))
 
     async def retry_unclaims(self) -> None:
-        for key in list(self._unclaimed)[:MAX_UNCLAIMS_PER_ROUND]:
-            if key in self._flights:
-                continue  # a request here computes it: its claim, if any, is live until it ends
-            try:
-                await self._store.unclaim(key)
-            except RedisUnavailableError:
-                return  # Redis is still away: next round
+        # Not while a request here computes the key: its claim, if any, is live until it ends.
+        keys = [key for key in self._unclaimed if key not in self._flights]
+        keys = keys[:MAX_UNCLAIMS_PER_ROUND]
+        if not keys:
+            return
+        try:
+            await self._store.unclaim_many(keys)
+        except RedisUnavailableError:
+            return  # Redis is still away: next round
+        for key in keys:
             self._unclaimed.pop(key, None)
 
     @property

@@ -34,6 +34,10 @@ class ResultStore(Protocol):
 
     async def unclaim(self, key: str) -> None: ...
 
+    async def unclaim_many(self, keys: list[str]) -> None:
+        """`unclaim` each of `keys`, in one round trip."""
+        ...
+
     async def poll(self, key: str) -> tuple[bytes | None, bool]:
         """The value if it is there yet, and whether another replica still claims the key."""
         ...
@@ -85,6 +89,9 @@ class MemoryResultStore:
     async def unclaim(self, key: str) -> None:
         return None
 
+    async def unclaim_many(self, keys: list[str]) -> None:
+        return None
+
     async def poll(self, key: str) -> tuple[bytes | None, bool]:
         return await self.get(key), False
 
@@ -95,9 +102,11 @@ class MemoryResultStore:
         return None
 
 
-# Delete the claim only if it is still ours: it may have expired and been taken by another.
+# Delete the claims only if still ours: one may have expired and been taken by another.
 _UNCLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
 return 0
 """
 
@@ -159,9 +168,13 @@ class RedisResultStore:
         return bool(claimed)
 
     async def unclaim(self, key: str) -> None:
+        await self.unclaim_many([key])
+
+    async def unclaim_many(self, keys: list[str]) -> None:
+        claim_keys = [self._claim_key(key) for key in keys]
         await self._link.call(
             "cache_unclaim",
-            lambda c: self._unclaim(keys=[self._claim_key(key)], args=[self._owner], client=c),
+            lambda c: self._unclaim(keys=claim_keys, args=[self._owner], client=c),
         )
 
     async def poll(self, key: str) -> tuple[bytes | None, bool]:

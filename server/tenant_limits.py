@@ -29,7 +29,7 @@ from server.limit_backends import (
     SlotAsk,
 )
 from server.metrics import Metrics
-from server.redis_link import RedisUnavailableError
+from server.redis_link import RedisCircuitOpenError, RedisUnavailableError
 from server.tenants import Tenant
 
 logger = logging.getLogger(__name__)
@@ -129,10 +129,10 @@ class TenantLimiter:
                 else None,
                 Bucket(f"{name}:tpm", tpm, tpm / MINUTE_S, tokens) if tpm else None,
             )
-        except RedisUnavailableError:
+        except RedisUnavailableError as e:
             self._metrics.limit_fallbacks.inc()
-            if limits.max_concurrent:
-                # A script that timed out may still run once Redis answers again.
+            if limits.max_concurrent and not isinstance(e, RedisCircuitOpenError):
+                # The script reached Redis and may still run once it answers again.
                 self._remember_release(slot_key, lease)
             await self.check_request(tenant)  # Redis is skipped now: counted in process
             return Admitted(None, None)
@@ -220,12 +220,18 @@ class TenantLimiter:
 
     async def _acquire_slot(self, tenant: Tenant, limit: int) -> Callable[[], Awaitable[None]]:
         key, lease = f"{tenant.name}:concurrent", uuid.uuid4().hex
-        granted, backend = await self._on(
-            lambda b: b.acquire_slot(key, limit, lease, self._lease_ttl_s)
-        )
-        if backend is self._local and self._shared is not None:
-            # Redis failed: a call that timed out may still run once it answers again.
-            self._remember_release(key, lease)
+        backend: LimitBackend = self._local
+        if self._shared is not None:
+            try:
+                granted = await self._shared.acquire_slot(key, limit, lease, self._lease_ttl_s)
+                backend = self._shared
+            except RedisUnavailableError as e:
+                self._metrics.limit_fallbacks.inc()
+                if not isinstance(e, RedisCircuitOpenError):
+                    # The call reached Redis and may still run once it answers again.
+                    self._remember_release(key, lease)
+        if backend is self._local:
+            granted = await self._local.acquire_slot(key, limit, lease, self._lease_ttl_s)
         if not granted:
             self._reject_concurrent(tenant, limit)
         if backend is self._local:
