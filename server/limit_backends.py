@@ -18,7 +18,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 
@@ -135,19 +135,25 @@ return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), no
 """
 )
 
+# Give `amount` back to the bucket, never beyond its capacity.
+_LUA_GIVE = """
+local function give(key, capacity, rate, amount, now)
+  local state = redis.call('HMGET', key, 'level', 'at')
+  if not state[1] then return end
+  local level = tonumber(state[1])
+  local at = tonumber(state[2]) or now
+  level = math.min(capacity, level + math.max(0, now - at) / 1000 * rate + amount)
+  redis.call('HSET', key, 'level', tostring(level), 'at', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((capacity - level) / rate * 1000) + 1000)
+end
+"""
+
+# KEYS[1] bucket; ARGV capacity, per_second, amount.
 _GIVE = (
     _LUA_NOW_MS
+    + _LUA_GIVE
     + """
-local capacity = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local now = now_ms()
-local state = redis.call('HMGET', KEYS[1], 'level', 'at')
-if not state[1] then return 0 end
-local level = tonumber(state[1])
-local at = tonumber(state[2]) or now
-level = math.min(capacity, level + math.max(0, now - at) / 1000 * rate + tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - level) / rate * 1000) + 1000)
+give(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now_ms())
 return 0
 """
 )
@@ -233,6 +239,22 @@ return {'ok', claimed}
 """
 )
 
+# What an admitted request took, given back (its caller was cancelled as the script ran):
+#   KEYS: slot set, tpm bucket, claim; ARGV: lease ('' : none), tpm capacity (0: none), tpm
+#   rate, tpm amount, claim owner ('': none)
+_UNDO_ADMIT = (
+    _LUA_NOW_MS
+    + _LUA_GIVE
+    + """
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[2]) > 0 then
+  give(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), now_ms())
+end
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('DEL', KEYS[3]) end
+return 0
+"""
+)
+
 
 @dataclass(frozen=True)
 class Bucket:
@@ -302,14 +324,20 @@ class RedisLimits:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._admit = client.register_script(_ADMIT)
+        self._undo_admit = client.register_script(_UNDO_ADMIT)
 
     def _key(self, key: str) -> str:
         return self._link.key("limits", key)
 
     async def take(self, key: str, capacity: int, per_second: float, amount: int) -> float:
         args: list[str | int] = [capacity, repr(per_second), amount]
-        wait_ms = await self._link.call(
-            "limit_take", lambda c: self._take(keys=[self._key(key)], args=args, client=c)
+
+        async def undo(wait_ms: int) -> None:
+            if int(wait_ms) == 0:
+                await self.give(key, capacity, per_second, amount)
+
+        wait_ms = await self._link.call_or_undo(
+            "limit_take", lambda c: self._take(keys=[self._key(key)], args=args, client=c), undo
         )
         return _wait_s(int(wait_ms))
 
@@ -321,8 +349,15 @@ class RedisLimits:
 
     async def acquire_slot(self, key: str, limit: int, lease: str, ttl_s: float) -> bool:
         args: list[str | int] = [limit, lease, _ms(ttl_s)]
-        granted = await self._link.call(
-            "limit_acquire", lambda c: self._acquire(keys=[self._key(key)], args=args, client=c)
+
+        async def undo(granted: int) -> None:
+            if granted:
+                await self.release_slot(key, lease)
+
+        granted = await self._link.call_or_undo(
+            "limit_acquire",
+            lambda c: self._acquire(keys=[self._key(key)], args=args, client=c),
+            undo,
         )
         return bool(granted)
 
@@ -372,8 +407,26 @@ class RedisLimits:
             tpm.capacity if tpm else 0, repr(tpm.per_second) if tpm else 0,
             tpm.amount if tpm else 0,
         ]  # fmt: skip
-        reply = await self._link.call(
-            "admit", lambda c: self._admit(keys=keys, args=args, client=c)
+
+        async def undo(reply: list[Any]) -> None:
+            if _text(reply[0]) != "ok":
+                return  # refused, a hit or a follower: it took nothing but the request count
+            claimed = cache is not None and bool(int(reply[1]))
+            undo_args: list[str | int] = [
+                slot.lease if slot else "",
+                tpm.capacity if tpm else 0, repr(tpm.per_second) if tpm else 0,
+                tpm.amount if tpm else 0,
+                cache.owner if cache and claimed else "",
+            ]  # fmt: skip
+            await self._link.call(
+                "admit_undo",
+                lambda c: self._undo_admit(
+                    keys=[keys[3], keys[4], keys[2]], args=undo_args, client=c
+                ),
+            )
+
+        reply = await self._link.call_or_undo(
+            "admit", lambda c: self._admit(keys=keys, args=args, client=c), undo
         )
         match _text(reply[0]):
             case "rpm":

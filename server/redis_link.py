@@ -87,6 +87,7 @@ class RedisLink:
         self._failures = 0  # counted failures in a row, while closed
         self._open_until = 0.0
         self._probing = False  # the one half-open call is in flight
+        self._undoing: set[asyncio.Task[None]] = set()  # see call_or_undo
         metrics.redis_up.set(1)
 
     def key(self, *parts: str) -> str:
@@ -98,6 +99,8 @@ class RedisLink:
         probe = self._admit()
         loop = asyncio.get_running_loop()
         started = loop.time()
+        task = asyncio.current_task()
+        cancels_before = task.cancelling() if task is not None else 0
         # A marker timer due with the reply's deadline: how late the loop runs it is how late the
         # loop itself was at that moment. redis-py's own read timer is due at about the same time
         # and, after a blocked loop, fires in the same loop iteration, before the task can read a
@@ -118,7 +121,43 @@ class RedisLink:
                 self._probing = False
         self._on_success(probe)
         self._metrics.redis_call_seconds.labels(op).observe(loop.time() - started)
+        if task is not None and task.cancelling() > cancels_before:
+            # The caller was cancelled meanwhile, and redis-py lost it: on Python 3.11 its
+            # `asyncio.wait_for` around a socket write swallows a cancellation that lands as
+            # the write completes. Raised here, a request whose client left does not go on.
+            raise asyncio.CancelledError
         return result
+
+    async def call_or_undo(
+        self,
+        op: str,
+        command: Callable[[Redis], Awaitable[T]],
+        undo: Callable[[T], Awaitable[None]],
+    ) -> T:
+        """`call`, for a command that takes something (a lease, tokens, a claim). If the caller
+        is cancelled while it runs, the command still finishes and `undo(result)` then gives
+        back what it took, in the background: a client that leaves mid-admission leaks nothing."""
+        running = asyncio.ensure_future(self.call(op, command))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            running.add_done_callback(lambda done: self._undo_when_done(op, done, undo))
+            raise
+
+    def _undo_when_done(
+        self, op: str, done: asyncio.Future[T], undo: Callable[[T], Awaitable[None]]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # it failed: nothing to give back (one that timed out expires on its own)
+        task = asyncio.ensure_future(self._undo(op, undo, done.result()))
+        self._undoing.add(task)  # referenced until done
+        task.add_done_callback(self._undoing.discard)
+
+    async def _undo(self, op: str, undo: Callable[[T], Awaitable[None]], result: T) -> None:
+        try:
+            await undo(result)
+        except RedisUnavailableError as e:
+            logger.info("undoing an abandoned Redis %s failed (%s): it expires on its own", op, e)
 
     def _admit(self) -> bool:
         """Let the call through (True when it is the half-open probe) or refuse it."""

@@ -161,9 +161,15 @@ class RedisResultStore:
 
     async def claim(self, key: str) -> bool:
         args: list[str | int] = [self._owner, self._claim_ttl_ms]
-        claimed = await self._link.call(
+
+        async def undo(claimed: int) -> None:
+            if claimed:
+                await self.unclaim(key)
+
+        claimed = await self._link.call_or_undo(
             "cache_claim",
             lambda c: self._claim(keys=[self._claim_key(key)], args=args, client=c),
+            undo,
         )
         return bool(claimed)
 

@@ -200,3 +200,25 @@ async def test_stalled_redis_costs_one_timeout(redis: RedisServer) -> None:
     finally:
         redis.resume()
         await link.aclose()
+
+
+async def test_a_caller_cancelled_mid_acquire_leaks_no_slot(
+    link: RedisLink, redis: RedisServer
+) -> None:
+    """Cancelled while its script is on the way (the client left), the acquire still lands in
+    Redis; what it took is given back once it answers, not left to expire."""
+    limits = RedisLimits(link)
+    assert await limits.acquire_slot("t:warm", 1, "w", 1)  # a pooled connection, open
+    redis.pause()  # the script waits in Redis's socket until Redis runs again
+    try:
+        acquiring = asyncio.create_task(limits.acquire_slot("t:c", 1, "gone", 600))
+        await asyncio.sleep(0.02)
+        acquiring.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquiring
+    finally:
+        redis.resume()
+    deadline = time.monotonic() + 2
+    while not await limits.acquire_slot("t:c", 1, "next", 600):
+        assert time.monotonic() < deadline, "the cancelled acquire kept its slot"
+        await asyncio.sleep(0.02)
