@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,14 +42,18 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, as a module
-
-from bench_hot_path import MODEL, serve_engine, start, stop, wait_ready
-
 from server.engine_process import free_loopback_port
 from server.limit_backends import CacheProbe
 from server.tenant_limits import Admitted, TenantLimiter
 from server.tenants import Tenant, hash_api_key
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling benchmark, as a module
+sys.path.append(str(HERE.parent))  # tests.redis_server
+
+from bench_hot_path import MODEL, serve_engine, start, stop, wait_ready  # noqa: E402
+
+from tests.redis_server import RedisServer  # noqa: E402
 
 API_KEY = "sk-bench-acme"
 CONCURRENCY = 32
@@ -100,26 +102,6 @@ def write_tenants(path: Path) -> None:
         "tenants": {"acme": {"api_key_sha256": [hash_api_key(API_KEY)], "limits": LIMITS}},
     }
     path.write_text(yaml.safe_dump(config))
-
-
-class RedisServer:
-    """A redis-server of this script's own, on a free port, stopped by the handle it holds."""
-
-    def __init__(self, work: Path) -> None:
-        self.port = free_loopback_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (make redis-server)")
-        self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(work)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(10)
 
 
 def round_trips(metrics_url: str) -> Counter[str]:
@@ -250,6 +232,7 @@ def main(
         work = Path(tmp)
         write_tenants(work / "tenants.yaml")
         redis = RedisServer(work)
+        redis.start()
         engine_port = free_loopback_port()
         engine_url = f"http://127.0.0.1:{engine_port}"
         engine = start(serve_engine, engine_port)

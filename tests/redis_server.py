@@ -1,7 +1,9 @@
-"""A real `redis-server` for the tests, on a free loopback port, with no persistence.
+"""A real `redis-server` for the tests and the benchmarks, on a free loopback port, with no
+persistence, in its own session.
 
-It can be killed and started again on the same port (Redis going down and coming back), and
-paused with SIGSTOP (Redis stalled: connections open, no answers).
+It can be stopped or killed and started again on the same port (Redis going down and coming
+back), and paused with SIGSTOP (Redis stalled: connections open, no answers). Only the process
+this object started is ever signalled.
 """
 
 from __future__ import annotations
@@ -13,18 +15,20 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from server.engine_process import free_loopback_port
 
 START_TIMEOUT_S = 10
+
+
+class RedisServerError(RuntimeError):
+    pass
 
 
 class RedisServer:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed: run `make test` (it installs it)")
+            raise RedisServerError("redis-server is not installed: run `make redis-server`")
         self._binary = binary
         self._workdir = workdir
         self.port = free_loopback_port()
@@ -43,16 +47,19 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", str(self._workdir),
         ]  # fmt: skip
-        log = (self._workdir / "redis.log").open("ab")
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        with (self._workdir / "redis.log").open("ab") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self._proc.returncode}")
+                raise RedisServerError(f"redis-server exited with {self._proc.returncode}")
             if self.ping():
                 return
             time.sleep(0.02)
-        pytest.fail(f"redis-server did not answer within {START_TIMEOUT_S} s")
+        raise RedisServerError(f"redis-server did not answer within {START_TIMEOUT_S} s")
 
     def ping(self) -> bool:
         try:
@@ -69,9 +76,24 @@ class RedisServer:
             return s.recv(4096)
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        self.stop(signal.SIGKILL)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """`sig` to the server this object started (SIGKILL after 10 s), and wait for it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def pause(self) -> None:
         assert self._proc is not None
