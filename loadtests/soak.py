@@ -1243,7 +1243,7 @@ def report(run: Run) -> Table:
     if c:
         five = c["gateway_5xx"]
         table.add_row("gateway's 5xx on /v1/*", _flag(f"{five:.0f}", five > 0),
-                      f"its metrics; 499 (gone before the response began) "
+                      f"its metrics; 499 (the client left before the response ended) "
                       f"{c['gateway_499']:.0f}")  # fmt: skip
         table.add_row("Redis errors / local limit checks",
                       f"{c['redis_errors']:.0f} / {c['limit_local_fallbacks']:.0f}",
