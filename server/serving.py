@@ -48,6 +48,8 @@ from server.tenants import Tenant
 
 T = TypeVar("T")
 
+RESOLVE_ATTEMPTS = 3  # reads of a record that keeps changing under a request, at most
+
 
 @dataclass(frozen=True)
 class OpenStream:
@@ -333,11 +335,28 @@ class GenerationService:
             )
         return Target(model, adapter_label(tenant.name, model), record)
 
+    async def _resolve_and_hold(
+        self, tenant: Tenant, model: str
+    ) -> tuple[Target, Callable[[], None]]:
+        """Resolve `model` and hold the adapter version it names (the release is returned): from
+        here its files stay, even if the adapter is replaced or deleted while the request waits
+        (for a claim, the queue, a slot) before it pins the adapter."""
+        for attempt in range(1, RESOLVE_ATTEMPTS + 1):
+            target = await self._resolve(tenant, model)
+            if target.adapter is None:
+                return target, _nothing
+            digest = target.adapter.digest
+            release = self._adapters.hold(digest)
+            # A record read on a worker thread may predate a replace or delete that committed,
+            # and collected its files, before the hold: held now, check it is still current.
+            current = self._registry.peek(tenant.name, model)
+            if (current is not None and current.digest == digest) or attempt == RESOLVE_ATTEMPTS:
+                return target, release
+            release()
+        raise AssertionError("unreachable")  # the last attempt always returns
+
     async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
-        target = await self._resolve(tenant, request.model)
-        # From here the version's files stay, even if the adapter is replaced or deleted while
-        # this request waits (for a claim, the queue, a slot) before it pins the adapter.
-        release = _nothing if target.adapter is None else self._adapters.hold(target.adapter.digest)
+        target, release = await self._resolve_and_hold(tenant, request.model)
         try:
             budget = await self._bounds.check(request)
         except BaseException:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -201,3 +202,29 @@ def test_a_request_waiting_for_its_turn_keeps_its_versions_files(
         served = waiting.result(timeout=10)
         assert served.status_code == 200, served.text
         assert wait_until(lambda: digest not in blob_names(gw)), "the files were never collected"
+
+
+def test_a_record_read_just_before_a_replace_is_not_served_from_collected_files(
+    gateway: Gateway, adapter_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read of a record on a worker thread can return the version a replace (and its
+    collection) retired a moment later, before the request holds it: the request checks, once
+    it holds its version, that it is still the current one, and otherwise resolves again."""
+    old = upload(gateway, adapter_dirs[0]).json()["digest"]
+    registry = gateway.app.state.services.generation._registry
+    stale = registry.get("acme", "helper")
+    assert upload(gateway, adapter_dirs[1], replace="true").status_code == 201
+    assert old not in blob_names(gateway)  # collected: nothing held it
+    real_peek = registry.peek
+    reads = {"peek": 0}
+
+    def first_peek_misses(tenant: str, name: str) -> Any:
+        reads["peek"] += 1
+        return None if reads["peek"] == 1 else real_peek(tenant, name)
+
+    # The interleaving: this request's read returned the record as it was before the replace.
+    monkeypatch.setattr(registry, "peek", first_peek_misses)
+    monkeypatch.setattr(registry, "get", lambda tenant, name: stale)
+    body = {**chat_body("after the replace"), "model": "helper"}
+    served = gateway.client.post("/v1/chat/completions", json=body, headers=gateway.headers())
+    assert served.status_code == 200, served.text
