@@ -220,3 +220,26 @@ class RedisLink:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def run_upkeep(
+    name: str,
+    retry: Callable[[], Awaitable[None]],
+    renew: Callable[[], Awaitable[None]],
+    renew_every_s: float,
+    retry_every_s: float = 1.0,
+) -> None:
+    """Until cancelled: `retry` (what Redis missed) every `retry_every_s`, and `renew` (what
+    this process holds in Redis) every `renew_every_s`. An error is logged, never the end of
+    the loop: renewals must not stop for the process's life."""
+    loop = asyncio.get_running_loop()
+    next_renewal = loop.time() + renew_every_s
+    while True:
+        await asyncio.sleep(min(retry_every_s, renew_every_s))
+        try:
+            await retry()
+            if loop.time() >= next_renewal:
+                next_renewal = loop.time() + renew_every_s
+                await renew()
+        except Exception:
+            logger.exception("%s upkeep failed; trying again", name)

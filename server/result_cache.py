@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from server.cache_policy import CachePlan, CacheStatus
 from server.limit_backends import CacheProbe, ProbeOutcome
 from server.metrics import Metrics
-from server.redis_link import RedisUnavailableError
+from server.redis_link import RedisUnavailableError, run_upkeep
 from server.result_store import ResultStore
 from server.settings import CacheSettings
 
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 POLL_FIRST_S = 0.01
 POLL_MAX_S = 0.1
-UNCLAIM_RETRY_S = 1.0
 MAX_UNCLAIMS_PER_ROUND = 1000
 MAX_UNCLAIMED = 100_000  # beyond, the oldest is left to expire
 
@@ -228,26 +227,14 @@ class ResultCache:
         """Until cancelled: renew the claims of this process's leaders every third of their
         lifetime (so a dead replica's claims go soon), and drop the claims Redis missed the
         release of every second (other replicas would wait on them until they expire)."""
-        loop = asyncio.get_running_loop()
-        next_renewal = loop.time() + self._renew_every_s
-        while True:
-            await asyncio.sleep(min(UNCLAIM_RETRY_S, self._renew_every_s))
-            await self.retry_unclaims()
-            if loop.time() >= next_renewal:
-                next_renewal = loop.time() + self._renew_every_s
-                await self.renew_claims()
-            # A cancellation that arrived during a Redis call can be lost inside the client
-            # (seen in 3.11: the task stays "cancelling" and sleeps on): honour it here.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+        await run_upkeep("claim", self.retry_unclaims, self.renew_claims, self._renew_every_s)
 
     async def renew_claims(self) -> None:
         if not self._claimed:
             return
         # Failing, they live until their expiry; renewed on the next round.
         with contextlib.suppress(RedisUnavailableError):
-            await self._store.renew_claims(sorted(self._claimed))
+            await self._store.renew_claims(list(self._claimed))
 
     async def retry_unclaims(self) -> None:
         # Not while a request here computes the key: its claim, if any, is live until it ends.

@@ -8,9 +8,7 @@ closed or dropping limits altogether; `loragate_limit_local_fallbacks_total` cou
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,15 +27,12 @@ from server.limit_backends import (
     SlotAsk,
 )
 from server.metrics import Metrics
-from server.redis_link import RedisCircuitOpenError, RedisUnavailableError
+from server.redis_link import RedisCircuitOpenError, RedisUnavailableError, run_upkeep
 from server.tenants import Tenant
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MINUTE_S = 60.0
-RELEASE_RETRY_S = 1.0  # how soon a release Redis missed is tried again
 MAX_RELEASES_PER_CALL = 1000
 MAX_UNRELEASED = 100_000  # beyond, the oldest is left to expire
 
@@ -174,25 +169,8 @@ class TenantLimiter:
     async def run(self) -> None:
         """Renew the Redis leases of running requests every third of their lifetime, and retry
         the releases Redis missed every second, until cancelled."""
-        if self._shared is None:
-            return
-        renew_every = self._lease_ttl_s / 3
-        loop = asyncio.get_running_loop()
-        next_renewal = loop.time() + renew_every
-        while True:
-            await asyncio.sleep(min(RELEASE_RETRY_S, renew_every))
-            try:
-                await self.retry_releases()
-                if loop.time() >= next_renewal:
-                    next_renewal = loop.time() + renew_every
-                    await self.renew_leases()
-            except Exception:  # a bug here must not stop renewals for the process's life
-                logger.exception("lease upkeep failed; trying again")
-            # A cancellation that arrived during a Redis call can be lost inside the client
-            # (seen in 3.11: the task stays "cancelling" and sleeps on): honour it here.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+        if self._shared is not None:
+            await run_upkeep("lease", self.retry_releases, self.renew_leases, self._lease_ttl_s / 3)
 
     async def renew_leases(self) -> None:
         if self._shared is None or not self._held:
