@@ -316,47 +316,40 @@ class GenerationService:
                 if isinstance(tokens, int) and tokens >= 0:
                     self._metrics.generation_tokens.labels(label, kind).inc(tokens)
 
-    async def _resolve(self, tenant: Tenant, model: str) -> Target:
+    async def _resolve(self, tenant: Tenant, model: str) -> tuple[Target, Callable[[], None]]:
+        """What `model` names, and a hold on the adapter version it names (the release is
+        returned): from here its files stay, even if the adapter is replaced or deleted while the
+        request waits (for a claim, the queue, a slot) before it pins the adapter."""
         if model == self._base.name:
-            return Target(model, model, None)
-        record = None
-        if ADAPTER_NAME.fullmatch(model):
-            # A record held in memory costs one stat here, a microsecond; only the first request
-            # for a name, or the first after its file changed, pays a read on a worker thread
-            # (30-70 us for the hop alone: loadtests/bench_hot_path.py).
-            record = self._registry.peek(tenant.name, model)
-            if record is None:
-                record = await asyncio.to_thread(self._registry.get, tenant.name, model)
-        if record is None:
-            # Another tenant's adapter answers exactly like one that does not exist.
-            raise ModelNotFoundError(
-                f"The model `{model}` does not exist or you do not have access to it.",
-                param="model",
-            )
-        return Target(model, adapter_label(tenant.name, model), record)
-
-    async def _resolve_and_hold(
-        self, tenant: Tenant, model: str
-    ) -> tuple[Target, Callable[[], None]]:
-        """Resolve `model` and hold the adapter version it names (the release is returned): from
-        here its files stay, even if the adapter is replaced or deleted while the request waits
-        (for a claim, the queue, a slot) before it pins the adapter."""
+            return Target(model, model, None), _nothing
         for attempt in range(1, RESOLVE_ATTEMPTS + 1):
-            target = await self._resolve(tenant, model)
-            if target.adapter is None:
-                return target, _nothing
-            digest = target.adapter.digest
-            release = self._adapters.hold(digest)
-            # A record read on a worker thread may predate a replace or delete that committed,
-            # and collected its files, before the hold: held now, check it is still current.
-            current = self._registry.peek(tenant.name, model)
-            if (current is not None and current.digest == digest) or attempt == RESOLVE_ATTEMPTS:
-                return target, release
+            record, on_thread = None, False
+            if ADAPTER_NAME.fullmatch(model):
+                # A record held in memory costs one stat here, a microsecond; only the first
+                # request for a name, or the first after its file changed, pays a read on a
+                # worker thread (30-70 us for the hop alone: loadtests/bench_hot_path.py).
+                record = self._registry.peek(tenant.name, model)
+                if record is None:
+                    on_thread = True
+                    record = await asyncio.to_thread(self._registry.get, tenant.name, model)
+            if record is None:
+                # Another tenant's adapter answers exactly like one that does not exist.
+                raise ModelNotFoundError(
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model",
+                )
+            release = self._adapters.hold(record.digest)
+            # Read from memory, nothing ran between the read and the hold. A record read on a
+            # worker thread may predate a replace or delete that committed, and collected its
+            # files, before the hold: held now, check it is still the current one.
+            current = self._registry.peek(tenant.name, model) if on_thread else record
+            if current == record or attempt == RESOLVE_ATTEMPTS:
+                return Target(model, adapter_label(tenant.name, model), record), release
             release()
         raise AssertionError("unreachable")  # the last attempt always returns
 
     async def _prepare(self, tenant: Tenant, request: GenerationRequest) -> Job:
-        target, release = await self._resolve_and_hold(tenant, request.model)
+        target, release = await self._resolve(tenant, request.model)
         try:
             budget = await self._bounds.check(request)
         except BaseException:
