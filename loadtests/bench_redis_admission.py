@@ -24,7 +24,6 @@ The machine is shared and noisy: compare rows within one run, not with other run
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark, as a module
 sys.path.append(str(HERE.parent))  # tests.redis_server
 
-from bench_hot_path import MODEL, serve_engine, start, stop, wait_ready  # noqa: E402
+from bench_hot_path import MODEL, cpu_s, serve_engine, start, stop, wait_ready  # noqa: E402
 
 from tests.redis_server import RedisServer  # noqa: E402
 
@@ -112,12 +111,6 @@ def round_trips(metrics_url: str) -> Counter[str]:
             op = line.split('op="', 1)[1].split('"', 1)[0]
             counts[op] += int(float(line.rsplit(" ", 1)[1]))
     return counts
-
-
-def cpu_s(pid: int) -> float:
-    """User plus system CPU time of process `pid`, all threads (Linux: /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ coalescing of identical requests, and Redis failing without failing a request.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,27 @@ def claims_held(redis: RedisServer) -> int:
     return int(reply.split(b"\r\n", 1)[0][1:])
 
 
+@contextlib.contextmanager
+def two_replicas_and_a_leader(
+    settings: Settings, knobs: FakeEngineKnobs, redis: RedisServer, body: dict[str, Any]
+) -> Iterator[tuple[Gateway, Gateway, Future[httpx.Response]]]:
+    """Two replicas sharing Redis and one fake engine; `body` sent to the first from a thread
+    (its response is the future), yielded once its coalescing claim is in Redis."""
+    fake = create_fake_engine_app(knobs)
+    with (
+        serving(fake) as fake.state.url,
+        running_gateway(settings, knobs, fake) as a,
+        running_gateway(settings, knobs, fake) as b,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        leader = pool.submit(post, a, body)
+        deadline = time.monotonic() + 5
+        while claims_held(redis) < 1:
+            assert time.monotonic() < deadline, "the leader never claimed the key"
+            time.sleep(0.02)
+        yield a, b, leader
+
+
 def test_a_claim_whose_release_redis_missed_does_not_hold_up_identical_requests(
     tmp_path: Path, knobs: FakeEngineKnobs, redis: RedisServer
 ) -> None:
@@ -277,19 +299,8 @@ def test_a_claim_whose_release_redis_missed_does_not_hold_up_identical_requests(
         cache={"coalesce_wait_s": 60},
     )
     knobs.ttft_s = 0.8
-    fake = create_fake_engine_app(knobs)
     body = chat_body("claimed while redis stalls", **GREEDY)
-    with (
-        serving(fake) as fake.state.url,
-        running_gateway(settings, knobs, fake) as a,
-        running_gateway(settings, knobs, fake) as b,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        leader = pool.submit(post, a, body)
-        deadline = time.monotonic() + 5
-        while claims_held(redis) < 1:
-            assert time.monotonic() < deadline, "the leader never claimed the key"
-            time.sleep(0.02)
+    with two_replicas_and_a_leader(settings, knobs, redis, body) as (a, b, leader):
         redis.pause()
         try:
             # A call that times out opens a's breaker: a skips Redis as its leader ends.
@@ -320,19 +331,8 @@ def test_a_leader_computing_longer_than_its_claim_lasts_keeps_it(
     one that outlives its first expiry still makes the other replica wait, not compute."""
     settings = make_settings(tmp_path, redis_url=redis.url, cache={"claim_ttl_s": 3})
     knobs.ttft_s = 5
-    fake = create_fake_engine_app(knobs)
     body = chat_body("a long computation", **GREEDY)
-    with (
-        serving(fake) as fake.state.url,
-        running_gateway(settings, knobs, fake) as a,
-        running_gateway(settings, knobs, fake) as b,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        leader = pool.submit(post, a, body)
-        deadline = time.monotonic() + 5
-        while claims_held(redis) < 1:
-            assert time.monotonic() < deadline, "the leader never claimed the key"
-            time.sleep(0.02)
+    with two_replicas_and_a_leader(settings, knobs, redis, body) as (a, b, leader):
         time.sleep(3.5)  # past the claim's first expiry
         assert claims_held(redis) == 1
         follower = post(b, body)
