@@ -46,7 +46,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.settings import Settings
 
 # tests.support (the test tenants, vLLM's request count) lives under the repo root.

@@ -13,9 +13,10 @@ served from memory after one `stat` on the event loop (`LocalAdapterRegistry.pee
    and parse on a worker thread), `after` (`peek`, the thread only on a miss), and the parts:
    the thread hop alone, the read and parse alone, the stat alone; and the harness alone (a
    coroutine that does nothing; "32 at once" runs each lookup as a task), to subtract.
-3. The gateway at concurrency 32 in front of the fake engine (`server/fake_engine.py`, zero
-   latency), each in its own process, with 3 and with 10,000 tenants, `before` (the gateway
-   process with the two functions swapped back in) and `after`: requests/s and latency for the
+3. The gateway at concurrency 32 in front of the fake engine
+   (`server/engine_servers/fake_engine.py`, zero latency), each in its own process, with 3 and
+   with 10,000 tenants, `before` (the gateway process with the two functions swapped back in)
+   and `after`: requests/s and latency for the
    base model and for an adapter, and the same load sent to the engine directly as the
    reference. `overhead p50` is the gateway's p50 minus the engine's; `server CPU ms/req` is
    the CPU time (all threads) of the process the requests went to, per request, warm-up
@@ -57,7 +58,7 @@ from rich.table import Table
 from adapters.registry import TENANT_NAME, LocalAdapterRegistry
 from adapters.store import DIGEST
 from adapters.types import ADAPTER_NAME, AdapterRecord
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.tenants import MAX_KEY_CHARS, Principal, TenantDirectory, TenantsFile, hash_api_key
 
 MODEL = "bench-model"
@@ -241,7 +242,7 @@ def lookup_table(rows: list[tuple[str, float, float]]) -> Table:
 def serve_engine(port: int) -> None:
     import uvicorn
 
-    from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+    from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
 
     app = create_fake_engine_app(FakeEngineKnobs(model=MODEL, max_model_len=2048))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)

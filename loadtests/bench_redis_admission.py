@@ -3,8 +3,8 @@ checks in one script.
 
 A tenant with all three limits (requests and tokens per minute, concurrent requests) sends
 cacheable chat requests (temperature 0) through one gateway with Redis, at concurrency 32, in
-front of the fake engine (zero latency; `server/fake_engine.py`), each in its own process, and
-a redis-server this script starts:
+front of the fake engine (zero latency; `server/engine_servers/fake_engine.py`), each in its
+own process, and a redis-server this script starts:
 
 - `miss`: every prompt new: rate, cache read, coalescing claim, slot and tokens before the
   engine; the result stored, the claim dropped, unused tokens given back, the slot released after.
@@ -41,9 +41,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from server.engine_process import free_loopback_port
-from server.limit_backends import CacheProbe
-from server.tenant_limits import Admitted, TenantLimiter
+from server.engines.process import free_loopback_port
+from server.limits.backends import CacheProbe
+from server.limits.tenant_limits import Admitted, TenantLimiter
 from server.tenants import Tenant, hash_api_key
 
 HERE = Path(__file__).resolve().parent

@@ -108,8 +108,8 @@ from rich.console import Console
 from rich.table import Table
 
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
-from server.engine_process import free_loopback_port
-from server.fake_engine import fake_tokens
+from server.engine_servers.fake_engine import fake_tokens
+from server.engines.process import free_loopback_port
 from server.settings import Settings
 from server.tenants import hash_api_key
 

@@ -20,13 +20,16 @@ from adapters.store import LocalAdapterStore
 from adapters.types import BaseModelSpec
 from adapters.validation import ValidationLimits
 from server.adapter_admin import AdapterAdminService
-from server.admission import EngineAdmission
-from server.cache_policy import base_revision
+from server.cache.policy import base_revision
+from server.cache.result_cache import ResultCache
+from server.cache.result_store import MemoryResultStore, RedisResultStore, ResultStore
 from server.deps import Services
-from server.engine import Engine
-from server.engine_adapters import EngineAdapters
-from server.engine_monitor import EngineMonitor
-from server.engine_process import (
+from server.engines.adapter_slots import AdapterSlots
+from server.engines.admission import EngineAdmission
+from server.engines.base import Engine
+from server.engines.monitor import EngineMonitor
+from server.engines.openai_http import OpenAIHttpEngine
+from server.engines.process import (
     EngineProcess,
     EngineStartError,
     fake_argv,
@@ -34,21 +37,18 @@ from server.engine_process import (
     vllm_argv,
 )
 from server.errors import register_error_handlers
-from server.limit_backends import RedisLimits
+from server.generation.request_bounds import RequestBounds
+from server.generation.serving import GenerationService
+from server.generation.token_count import TokenCounter
+from server.limits.backends import RedisLimits
+from server.limits.tenant_limits import TenantLimiter
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from server.openapi import install_openapi
 from server.redis_link import RedisLink
-from server.request_bounds import RequestBounds
-from server.result_cache import ResultCache
-from server.result_store import MemoryResultStore, RedisResultStore, ResultStore
 from server.routes import admin_adapters, openai_api, probes
-from server.serving import GenerationService
 from server.settings import Settings
-from server.tenant_limits import TenantLimiter
 from server.tenants import TenantDirectory, open_tenants_file
-from server.token_count import TokenCounter
-from server.vllm_engine import VllmEngine
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ DEV_TENANTS_WARNING = (
 )
 
 
-def vllm_engine_at(settings: Settings, base_url: str) -> VllmEngine:
+def vllm_engine_at(settings: Settings, base_url: str) -> OpenAIHttpEngine:
     e = settings.engine
-    return VllmEngine(base_url, e.request_timeout_s, e.connect_timeout_s)
+    return OpenAIHttpEngine(base_url, e.request_timeout_s, e.connect_timeout_s)
 
 
 def load_tenants(settings: Settings) -> TenantDirectory:
@@ -131,7 +131,7 @@ def create_app(
         redis_link, result_store, limiter = shared_state(settings, metrics)
         store = LocalAdapterStore(settings.store_path)
         registry = LocalAdapterRegistry(settings.store_path, settings.adapters.max_per_tenant)
-        engine_adapters = EngineAdapters(
+        adapter_slots = AdapterSlots(
             the_engine,
             lambda digest: str(store.local_dir(digest)),
             settings.max_loaded_adapters,
@@ -154,13 +154,13 @@ def create_app(
             ]
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
-                settings, the_engine, monitor, metrics, bounds, registry, engine_adapters,
+                settings, the_engine, monitor, metrics, bounds, registry, adapter_slots,
                 result_cache, base_revision(settings),
                 limiter, EngineAdmission(settings.admission, metrics, engine="local"),
             )  # fmt: skip
             admin = AdapterAdminService(
                 tenants, store, registry, load_base_spec(settings), validation_limits(settings),
-                settings.store_path / "uploads", engine_adapters, metrics,
+                settings.store_path / "uploads", adapter_slots, metrics,
                 orphan_grace_s=settings.adapters.orphan_grace_s,
             )  # fmt: skip
             sweeper = asyncio.create_task(
@@ -174,7 +174,7 @@ def create_app(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            await engine_adapters.aclose()
+            await adapter_slots.aclose()
             if admin is not None:  # after the slots: cancelled loads can still collect files
                 await admin.aclose()
             if monitor_task is not None:

@@ -16,15 +16,15 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from server.adapter_admin import AdapterAdminService
-from server.engine_monitor import EngineMonitor
+from server.engines.monitor import EngineMonitor
 from server.errors import (
     AuthenticationError,
     PermissionDeniedError,
     UnsupportedMediaTypeError,
     validation_error,
 )
+from server.generation.serving import GenerationService
 from server.metrics import Metrics
-from server.serving import GenerationService
 from server.tenants import Principal, Tenant, TenantDirectory
 
 M = TypeVar("M", bound=BaseModel)

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
 
-from server.cache_policy import CACHE_HEADER
+from server.cache.policy import CACHE_HEADER
 
 COMPONENT_REF = "#/components/schemas/{model}"
 TENANT_KEY = "tenantKey"

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 
 START_TIMEOUT_S = 10
 

@@ -12,11 +12,16 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server import openapi as doc
-from server.cache_policy import CACHE_HEADER, CacheDirectives
+from server.cache.policy import CACHE_HEADER, CacheDirectives
 from server.deps import ServicesDep, TenantDep, parse_body
+from server.generation.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelList,
+)
+from server.generation.serving import OpenStream
 from server.middleware import CLIENT_CLOSED_REQUEST
-from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelList
-from server.serving import OpenStream
 
 T = TypeVar("T")
 

@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp
 
 from server.app import create_app
-from server.engine_process import free_loopback_port
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engines.openai_http import OpenAIHttpEngine
+from server.engines.process import free_loopback_port
 from server.settings import Settings
-from server.vllm_engine import VllmEngine
 from tests.adapter_factory import SMOLLM2_CONFIG
 from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file
 
@@ -125,8 +125,8 @@ def serving(app: ASGIApp, *, lifespan: bool = False) -> Iterator[str]:
         thread.join(10)
 
 
-def engine_at(url: str) -> VllmEngine:
-    return VllmEngine(url, request_timeout_s=60, connect_timeout_s=2)
+def engine_at(url: str) -> OpenAIHttpEngine:
+    return OpenAIHttpEngine(url, request_timeout_s=60, connect_timeout_s=2)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ import pytest
 from adapters.store import ORPHAN_GRACE_S, LocalAdapterStore
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
 from server.adapter_admin import AdapterAdminService
-from server.engine_adapters import engine_name
-from server.fake_engine import FakeEngineKnobs
+from server.engine_servers.fake_engine import FakeEngineKnobs
+from server.engines.adapter_slots import engine_name
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import Gateway, make_settings, running_gateway
 from tests.api.test_adapters_admin import store_blobs, upload

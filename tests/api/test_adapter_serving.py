@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.engine_adapters import engine_name
+from server.engines.adapter_slots import engine_name
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, Gateway
 from tests.api.test_adapters_admin import upload

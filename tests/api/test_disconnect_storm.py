@@ -47,8 +47,13 @@ from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
-from server.engine_adapters import engine_name
-from server.fake_engine import FakeEngineKnobs, FakeEngineStats, create_fake_engine_app, fake_tokens
+from server.engine_servers.fake_engine import (
+    FakeEngineKnobs,
+    FakeEngineStats,
+    create_fake_engine_app,
+    fake_tokens,
+)
+from server.engines.adapter_slots import engine_name
 from server.model_prepare import DEFAULT_MODEL_NAME
 from tests.adapter_factory import SMOLLM2_CONFIG, write_peft_adapter
 from tests.api.conftest import serving

@@ -22,10 +22,10 @@ from starlette.requests import Request
 
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
 from server.app import create_app
-from server.engine_adapters import engine_name
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engines.adapter_slots import engine_name
+from server.generation.serving import OpenStream
 from server.routes.openai_api import _close_stream, _unless_disconnected
-from server.serving import OpenStream
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import engine_at, make_settings, serving
 from tests.api.test_openai_routes import chat_body, sse_events

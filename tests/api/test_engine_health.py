@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
 from server.app import create_app
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.settings import Settings
 from tests.api.conftest import MODEL, Gateway, engine_at, make_settings, serving
 from tests.api.test_errors import assert_envelope

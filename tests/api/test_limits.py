@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.redis_link import RedisLink
 from tests.api.conftest import make_settings, running_gateway, serving
 from tests.api.test_errors import assert_envelope

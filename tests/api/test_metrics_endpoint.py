@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.metrics_server import MetricsListenerError, start_metrics_listener
 from server.settings import MetricsSettings
 from tests.adapter_factory import write_peft_adapter

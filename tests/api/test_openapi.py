@@ -11,7 +11,7 @@ import schemathesis
 from fastapi import Response
 
 from server.app import create_app
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.generation.protocol import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
 from tests.api.conftest import MODEL, Gateway
 from tests.api.test_openai_routes import chat_body

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from server.engine import ServedModel
-from server.engine_monitor import EngineMonitor
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engines.base import ServedModel
+from server.engines.monitor import EngineMonitor
 from server.metrics import Metrics
 from server.settings import EngineSettings, ModelSettings
 from tests.api.conftest import MODEL, Gateway, make_settings, running_gateway, serving
@@ -153,14 +153,14 @@ def test_an_unreadable_model_list_is_retried_on_the_next_poll(tmp_path: Path) ->
 def test_each_reason_is_logged_once_not_on_every_poll(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.engine_monitor")
+    caplog.set_level(logging.INFO, logger="server.engines.monitor")
     knobs = FakeEngineKnobs(model="other-base")
     with gateway_for(tmp_path, knobs) as gw:
         time.sleep(8 * POLL_S)
         knobs.healthy = False
         wait_for(lambda: readyz_code(gw) == "engine_unavailable", "the engine going down")
         time.sleep(8 * POLL_S)
-    lines = [r for r in caplog.records if r.name == "server.engine_monitor"]
+    lines = [r for r in caplog.records if r.name == "server.engines.monitor"]
     mismatch = [r for r in lines if "engine_model_mismatch" in r.getMessage()]
     assert len(mismatch) == 1 and mismatch[0].levelno == logging.ERROR
     assert "lg-" not in mismatch[0].getMessage()

@@ -14,7 +14,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from tests.api.conftest import MODEL, Gateway, running_gateway, serving
 from tests.api.test_errors import assert_envelope

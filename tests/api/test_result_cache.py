@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, Gateway, make_settings, running_gateway, serving

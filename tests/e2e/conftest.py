@@ -22,7 +22,7 @@ import openai
 import psutil
 import pytest
 
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.settings import Settings
 from tests.redis_server import RedisServer
 from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from adapters.types import CONFIG_FILE, WEIGHTS_FILE
 from server.app import create_app
-from server.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
 from server.settings import Settings
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, engine_at, make_settings, serving

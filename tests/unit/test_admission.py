@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import EngineAdmission
+from server.engines.admission import EngineAdmission
 from server.errors import ServerOverloadedError
 from server.metrics import Metrics
 from server.settings import AdmissionSettings

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from server.cache_policy import OUTPUT_NEUTRAL_FIELDS, cache_key
-from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.cache.policy import OUTPUT_NEUTRAL_FIELDS, cache_key
+from server.generation.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 COMPLETION = {"model": "m", "prompt": "hi", "temperature": 0}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.cache_policy import CacheDirectives, base_revision, cache_key, is_reproducible
+from server.cache.policy import CacheDirectives, base_revision, cache_key, is_reproducible
 from server.model_prepare import MANIFEST
 from server.settings import Settings
 

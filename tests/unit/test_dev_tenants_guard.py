@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.app import DEV_TENANTS_WARNING, load_tenants
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.settings import Settings
 from server.tenants import DevTenantsExposedError, is_loopback_host, open_tenants_file
 from tests.support import fake_serve_env, write_tenants_file

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from server.engine import ServedModel, printable
-from server.engine_monitor import check_served
+from server.engines.base import ServedModel, printable
+from server.engines.monitor import check_served
+from server.engines.openai_http import parse_model_list, translate_error_status
 from server.errors import (
     ContextLengthError,
     EngineError,
@@ -17,7 +18,6 @@ from server.errors import (
     ModelNotFoundError,
 )
 from server.settings import ModelSettings
-from server.vllm_engine import parse_model_list, translate_error_status
 
 DIGEST = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 ENGINE_NAME = f"lg-{DIGEST}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.engine_process import free_loopback_port
+from server.engines.process import free_loopback_port
 from server.settings import ServerSettings, Settings
 from tests.support import fake_serve_env
 

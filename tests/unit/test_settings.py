@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.engine_process import vllm_argv
+from server.engines.process import vllm_argv
 from server.settings import Settings
 
 

@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from server.engine_adapters import AdapterLease, EngineAdapters
-from tests.unit.test_engine_adapters import make, settle
+from server.engines.adapter_slots import AdapterLease, AdapterSlots
+from tests.unit.test_adapter_slots import make, settle
 
 
-async def assert_slots_free(adapters: EngineAdapters, capacity: int) -> None:
+async def assert_slots_free(adapters: AdapterSlots, capacity: int) -> None:
     """Every slot can be taken at once, without waiting (`make`'s slot wait is short here):
     nothing is left pinned or reserved."""
     leases = await asyncio.gather(*(adapters.acquire(f"free-{i}") for i in range(capacity)))

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from server.limit_backends import NEVER, LimitBackend, LocalLimits, RedisLimits
+from server.cache.result_store import MemoryResultStore, RedisResultStore, ResultStore
+from server.limits.backends import NEVER, LimitBackend, LocalLimits, RedisLimits
 from server.metrics import Metrics
 from server.redis_link import RedisLink, RedisUnavailableError
-from server.result_store import MemoryResultStore, RedisResultStore, ResultStore
 from server.settings import RedisSettings
 from tests.redis_server import RedisServer
 

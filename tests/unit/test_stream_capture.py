@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.stream_capture import StreamCapture, replay_events
+from server.generation.stream_capture import StreamCapture, replay_events
 
 
 def event(payload: dict[str, Any]) -> bytes:

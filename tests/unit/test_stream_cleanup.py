@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from server.generation.serving import OpenStream
 from server.routes.openai_api import RelayedStreamResponse
-from server.serving import OpenStream
 
 
 def run_response(send_fails: bool) -> list[str]:

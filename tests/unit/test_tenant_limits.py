@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from server.cache.result_store import RedisResultStore
 from server.errors import RateLimitError
-from server.limit_backends import ProbeOutcome, RedisLimits
+from server.limits.backends import ProbeOutcome, RedisLimits
+from server.limits.tenant_limits import Admitted, TenantLimiter
 from server.metrics import Metrics
 from server.redis_link import RedisLink
-from server.result_store import RedisResultStore
 from server.settings import RedisSettings
-from server.tenant_limits import Admitted, TenantLimiter
 from server.tenants import Tenant, TenantLimits
 from tests.redis_server import RedisServer
 

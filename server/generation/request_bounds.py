@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.errors import ContextLengthError, InvalidRequestError
-from server.protocol import ChatCompletionRequest, GenerationRequest
+from server.generation.protocol import ChatCompletionRequest, GenerationRequest
+from server.generation.token_count import TokenCounter
 from server.settings import Settings
-from server.token_count import TokenCounter
 
 # Without a tokenizer, prompt tokens are estimated (for tenant token limits) at this many
 # characters per token: English text averages about four.

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from server.limit_backends import CacheProbe
+from server.limits.backends import CacheProbe
 from server.redis_link import RedisLink
 
 

@@ -13,7 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.engine import Engine
+from server.engines.base import Engine
 from server.errors import EngineUnavailableError, LoragateError
 from server.metrics import Metrics
 
@@ -41,7 +41,7 @@ class AdapterLease:
             self._release(self.digest)
 
 
-class EngineAdapters:
+class AdapterSlots:
     def __init__(
         self,
         engine: Engine,

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from server.engine import Engine, ServedModel, printable
-from server.engine_adapters import ENGINE_NAME_PREFIX
-from server.engine_process import EngineProcess, EngineStartError
+from server.engines.adapter_slots import ENGINE_NAME_PREFIX
+from server.engines.base import Engine, ServedModel, printable
+from server.engines.process import EngineProcess, EngineStartError
 from server.errors import EngineUnavailableError, LoragateError
 from server.metrics import Metrics
 from server.settings import EngineSettings, ModelSettings

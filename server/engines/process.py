@@ -66,7 +66,7 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
 
 def fake_argv(settings: Settings, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "server.fake_engine",
+        sys.executable, "-m", "server.engine_servers.fake_engine",
         "--port", str(port), "--model", settings.model.name, *settings.engine.extra_args,
     ]  # fmt: skip
 

@@ -20,30 +20,30 @@ from typing import Any, TypeVar
 
 from adapters.registry import AdapterRegistry
 from adapters.types import ADAPTER_NAME, AdapterRecord
-from server.admission import EngineAdmission
-from server.cache_policy import CacheDirectives, CachePlan, CacheStatus, cache_key, is_reproducible
-from server.engine import Engine, EngineStream, GenerationKind
-from server.engine_adapters import AdapterLease, EngineAdapters
-from server.engine_monitor import EngineMonitor
+from server.cache.policy import CacheDirectives, CachePlan, CacheStatus, cache_key, is_reproducible
+from server.cache.result_cache import Lookup, ResultCache
+from server.engines.adapter_slots import AdapterLease, AdapterSlots
+from server.engines.admission import EngineAdmission
+from server.engines.base import Engine, EngineStream, GenerationKind
+from server.engines.monitor import EngineMonitor
 from server.errors import (
     EngineUnavailableError,
     LoragateError,
     ModelNotFoundError,
 )
-from server.metrics import Metrics, adapter_label
-from server.protocol import (
+from server.generation.protocol import (
     ChatCompletionRequest,
     GenerationRequest,
     ModelCard,
     ModelList,
     dump_json,
 )
-from server.request_bounds import RequestBounds, RequestBudget
-from server.result_cache import Lookup, ResultCache
+from server.generation.request_bounds import RequestBounds, RequestBudget
+from server.generation.sse_relay import RelayOptions, relay_events
+from server.generation.stream_capture import StreamCapture, replay_events
+from server.limits.tenant_limits import TenantLimiter, TokenReservation, engine_refused
+from server.metrics import Metrics, adapter_label
 from server.settings import Settings
-from server.sse_relay import RelayOptions, relay_events
-from server.stream_capture import StreamCapture, replay_events
-from server.tenant_limits import TenantLimiter, TokenReservation, engine_refused
 from server.tenants import Tenant
 
 T = TypeVar("T")
@@ -101,7 +101,7 @@ class GenerationService:
         metrics: Metrics,
         bounds: RequestBounds,
         registry: AdapterRegistry,
-        adapters: EngineAdapters,
+        adapters: AdapterSlots,
         cache: ResultCache,
         base_revision: str,
         limiter: TenantLimiter,

@@ -1,10 +1,10 @@
 """A deterministic fake engine that speaks the same OpenAI HTTP API as vLLM.
 
 Shipped as real code for fast tests and for measuring the gateway alone: served from a thread of
-the test process, or as a process (`python -m server.fake_engine --port P`), which is what
-`LORAGATE_ENGINE__KIND=fake` starts. Its answer echoes the last prompt word by word, one "token"
-each; knobs set the served model, latency and failures. It never stands in for vLLM in the
-end-to-end tier.
+the test process, or as a process (`python -m server.engine_servers.fake_engine --port P`),
+which is what `LORAGATE_ENGINE__KIND=fake` starts. Its answer echoes the last prompt word by
+word, one "token" each; knobs set the served model, latency and failures. It never stands in for
+vLLM in the end-to-end tier.
 """
 
 from __future__ import annotations

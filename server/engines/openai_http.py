@@ -1,4 +1,5 @@
-"""`Engine` over vLLM's OpenAI-compatible HTTP server (`vllm serve` or its api_server module).
+"""`Engine` over an OpenAI-compatible HTTP engine server: vLLM's (`vllm serve` or its api_server
+module), or any engine that speaks the same API with vLLM's runtime adapter endpoints.
 
 The client is aiohttp: on the hot path (one streamed request per call, an event per token) it
 costs half the CPU of httpx per streamed request here, which is most of what the gateway adds.
@@ -16,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from server.engine import EngineStream, GenerationKind, ServedModel, printable
+from server.engines.base import EngineStream, GenerationKind, ServedModel, printable
 from server.errors import (
     ContextLengthError,
     EngineError,
@@ -145,7 +146,7 @@ class AiohttpEngineStream:
         self._response.close()
 
 
-class VllmEngine:
+class OpenAIHttpEngine:
     """Talks to one engine at `base_url`. The session is made on first use, on the running
     event loop (aiohttp sessions belong to the loop they are made on)."""
 

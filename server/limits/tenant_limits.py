@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 from server.errors import LoragateError, RateLimitError
-from server.limit_backends import (
+from server.limits.backends import (
     NEVER,
     Bucket,
     CacheProbe,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.engine_adapters import EngineAdapters, engine_name
+from server.engines.adapter_slots import AdapterSlots, engine_name
 from server.errors import EngineUnavailableError
 from server.metrics import Metrics
 
@@ -33,9 +33,9 @@ class RecordingEngine:
 
 def make(
     capacity: int, load_s: float = 0.0, wait_s: float = 5.0
-) -> tuple[EngineAdapters, RecordingEngine]:
+) -> tuple[AdapterSlots, RecordingEngine]:
     engine = RecordingEngine(load_s)
-    adapters = EngineAdapters(engine, lambda d: f"/store/{d}", capacity, Metrics(), wait_s)  # type: ignore[arg-type]
+    adapters = AdapterSlots(engine, lambda d: f"/store/{d}", capacity, Metrics(), wait_s)  # type: ignore[arg-type]
     return adapters, engine
 
 

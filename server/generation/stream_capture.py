@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.protocol import dump_json
+from server.generation.protocol import dump_json
 
 DONE = b"data: [DONE]"
 _CHAT_DELTA_KEYS = {"role", "content"}

@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from server.engine import EngineStream
+from server.engines.base import EngineStream
 from server.errors import LoragateError, sse_error_event
 
 EVENT_END = b"\n\n"

@@ -22,11 +22,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.cache_policy import CachePlan, CacheStatus
-from server.limit_backends import CacheProbe, ProbeOutcome
+from server.cache.policy import CachePlan, CacheStatus
+from server.cache.result_store import ResultStore
+from server.limits.backends import CacheProbe, ProbeOutcome
 from server.metrics import Metrics
 from server.redis_link import RedisUnavailableError, run_upkeep
-from server.result_store import ResultStore
 from server.settings import CacheSettings
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The result cache: which requests are repeatable, their keys, and the Redis store behind them."""

@@ -1,0 +1,1 @@
+"""Tenant limits: rates, token budgets and concurrency, on Redis (shared) or in memory (one box)."""
