@@ -54,6 +54,8 @@ class AdapterRegistry(Protocol):
     nothing can be stored under an invalid name, so it is simply absent (a 404 for the caller).
     """
 
+    shared: bool  # True when other replicas write it too (its records are cached for a TTL)
+
     def get(self, tenant: str, name: str) -> AdapterRecord | None: ...
 
     def peek(self, tenant: str, name: str) -> AdapterRecord | None:
@@ -147,6 +149,8 @@ class LocalAdapterRegistry:
     `get`, `peek` and `list` serve a record from memory while a stat of its file shows the file
     it was read from; writers read the file itself.
     """
+
+    shared = False  # replicas share it only by mounting one volume
 
     def __init__(
         self,

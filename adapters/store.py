@@ -44,6 +44,10 @@ class AdapterStore(Protocol):
     Every method raises AdapterRejectedError (code `bad_digest`) for a malformed digest.
     """
 
+    # True when other processes (replicas, engines) share this store: what is deleted here is
+    # gone for them too.
+    shared: bool
+
     def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> bool:
         """Store one adapter version, True if this call published it; the same digest again
         only marks the blob as just put (see `digests`), False. Leaves weights_path."""
@@ -113,6 +117,8 @@ class LocalAdapterStore:
     with one `os.rename`, so `blobs/` only ever holds complete blobs and no lock is needed: two
     puts of one digest race to the rename, the loser drops its copy (same digest, same bytes).
     """
+
+    shared = False  # replicas share it only by mounting one volume
 
     def __init__(self, root: Path) -> None:
         self._blobs = root / "blobs"

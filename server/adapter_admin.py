@@ -35,7 +35,7 @@ from adapters.registry import AdapterRegistry, PutResult
 from adapters.store import ORPHAN_GRACE_S, AdapterStore
 from adapters.types import ADAPTER_NAME, AdapterRecord, BaseModelSpec
 from adapters.validation import ValidationLimits, check_upload_filename, validate_adapter
-from server.engines.adapter_slots import AdapterSlots
+from server.engines.pool import EnginePool
 from server.log_format import escape_controls as esc
 from server.metrics import Metrics, adapter_label
 from server.tenants import TenantDirectory
@@ -62,7 +62,7 @@ class AdapterAdminService:
         base: BaseModelSpec | None,
         limits: ValidationLimits,
         staging_dir: Path,
-        adapter_slots: AdapterSlots,
+        engines: EnginePool,
         metrics: Metrics,
         *,
         orphan_grace_s: float = ORPHAN_GRACE_S,
@@ -73,7 +73,7 @@ class AdapterAdminService:
         self._base = base
         self._limits = limits
         self._staging = staging_dir
-        self._adapter_slots = adapter_slots
+        self._engines = engines
         self._metrics = metrics
         # Store-then-register and unregister-then-collect each run whole under this lock, so a
         # delete never collects files an upload of the same content has just registered. (One
@@ -84,7 +84,7 @@ class AdapterAdminService:
         # their last record went). Changed under `_commit_lock` only; `_on_idle` only reads it.
         self._doomed: set[str] = set()
         self._collections: set[asyncio.Task[None]] = set()
-        adapter_slots.on_idle(self._on_idle)
+        engines.on_idle(self._on_idle)
 
     def _check_names(self, tenant: str, name: str | None = None) -> None:
         if self._tenants.tenant(tenant) is None:
@@ -212,12 +212,18 @@ class AdapterAdminService:
 
     def _collect_locked(self, digest: str) -> None:
         """Delete the version's files unless a record references it or a request here uses it;
-        in use, they go when it turns idle (`_on_idle`). The caller holds `_commit_lock`. A
-        failure is logged, not raised: the change it follows is done, and `sweep` retries."""
+        in use, they go when it turns idle (`_on_idle`); in a shared store, the sweep does it.
+        The caller holds `_commit_lock`. A failure is logged, not raised: the change it follows
+        is done, and `sweep` retries."""
+        if self._store.shared:
+            # Other replicas may have resolved this version a moment ago (they hold records
+            # for `record_ttl_s`), and an engine may still have to fetch it: the sweep collects
+            # it, once nothing references it and it is older than the orphan grace.
+            return
         # Marked before the in-use check, so a pin released right after it finds the mark.
         self._doomed.add(digest)
         try:
-            if self._adapter_slots.in_use(digest):
+            if self._engines.in_use(digest):
                 return
             if digest not in self._registry.referenced_digests():
                 self._store.delete(digest)
@@ -247,7 +253,7 @@ class AdapterAdminService:
             # it too, so it is younger than the grace and kept.
             referenced = self._registry.referenced_digests()
             for digest in sorted(self._store.digests(self._orphan_grace_s) - referenced):
-                if self._adapter_slots.in_use(digest):
+                if self._engines.in_use(digest):
                     self._doomed.add(digest)  # goes when the request ends
                     continue
                 self._store.delete(digest)

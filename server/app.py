@@ -1,6 +1,7 @@
 """The app factory and its lifespan, which owns every resource: the tenants directory, the
-engine client, a local engine process when there is one, the engine monitor task, the Redis link,
-the adapter store, registry and engine-side adapter slots, and the services built on them.
+engine pool (a client, monitor, adapter slots and admission queue per engine) and a local
+engine process when there is one, the Redis link, the adapter store and registry, and the
+services built on them.
 The metrics registry is made here too; `loragate serve` serves it on its own listener.
 """
 
@@ -10,13 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from adapters.registry import LocalAdapterRegistry
-from adapters.store import LocalAdapterStore
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
+from adapters.store_url import open_store, parse_store_url
 from adapters.types import BaseModelSpec
 from adapters.validation import ValidationLimits
 from server.adapter_admin import AdapterAdminService
@@ -24,11 +28,12 @@ from server.cache.policy import base_revision
 from server.cache.result_cache import ResultCache
 from server.cache.result_store import MemoryResultStore, RedisResultStore, ResultStore
 from server.deps import Services
-from server.engines.adapter_slots import AdapterSlots
+from server.engines.adapter_slots import ENGINE_NAME_PREFIX, AdapterSlots
 from server.engines.admission import EngineAdmission
 from server.engines.base import Engine
 from server.engines.monitor import EngineMonitor
 from server.engines.openai_http import OpenAIHttpEngine
+from server.engines.pool import EngineMember, EnginePool, MemberFactory, adapters_listed
 from server.engines.process import (
     EngineProcess,
     EngineStartError,
@@ -46,7 +51,7 @@ from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from server.openapi import install_openapi
 from server.redis_link import RedisLink
-from server.routes import admin_adapters, openai_api, probes
+from server.routes import admin_adapters, admin_engines, openai_api, probes
 from server.settings import Settings
 from server.tenants import TenantDirectory, open_tenants_file
 
@@ -58,9 +63,9 @@ DEV_TENANTS_WARNING = (
 )
 
 
-def vllm_engine_at(settings: Settings, base_url: str) -> OpenAIHttpEngine:
+def engine_client(settings: Settings, base_url: str, api_key: str | None) -> OpenAIHttpEngine:
     e = settings.engine
-    return OpenAIHttpEngine(base_url, e.request_timeout_s, e.connect_timeout_s)
+    return OpenAIHttpEngine(base_url, e.request_timeout_s, e.connect_timeout_s, api_key)
 
 
 def load_tenants(settings: Settings) -> TenantDirectory:
@@ -72,6 +77,17 @@ def load_tenants(settings: Settings) -> TenantDirectory:
     if tenants.is_dev:
         logger.warning(DEV_TENANTS_WARNING)
     return tenants
+
+
+def open_adapter_store(settings: Settings) -> tuple[AdapterStore, AdapterRegistry]:
+    """The adapter store and registry `store_url` names (default: the store dir)."""
+    return open_store(
+        parse_store_url(settings.store_location),
+        cache_dir=settings.cache_dir / "store-cache",
+        max_adapters_per_tenant=settings.adapters.max_per_tenant,
+        max_blob_bytes=settings.adapters.max_upload_bytes,
+        record_ttl_s=settings.adapters.record_ttl_s,
+    )
 
 
 def load_base_spec(settings: Settings) -> BaseModelSpec | None:
@@ -120,32 +136,31 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tenants = load_tenants(settings)
-        process, the_engine = _make_engine(settings, engine)
-        monitor = EngineMonitor(
-            the_engine, settings.engine, settings.model, metrics, process, on_fatal
-        )
-        monitor_task: asyncio.Task[None] | None = None
+        local = _local_engine(settings, engine)
         keepers: list[asyncio.Task[None]] = []
         sweeper: asyncio.Task[None] | None = None
         admin: AdapterAdminService | None = None
         redis_link, result_store, limiter = shared_state(settings, metrics)
-        store = LocalAdapterStore(settings.store_path)
-        registry = LocalAdapterRegistry(settings.store_path, settings.adapters.max_per_tenant)
-        adapter_slots = AdapterSlots(
-            the_engine,
-            lambda digest: str(store.local_dir(digest)),
-            settings.max_loaded_adapters,
-            metrics,
-            settings.adapters.wait_for_slot_s,
-        )
+        store, registry = await asyncio.to_thread(open_adapter_store, settings)
+        urls = [local.url] if local is not None else settings.engine.pool_urls()
+        by_path = adapter_source(settings) == "path"
+
+        def adapter_path(digest: str) -> str | None:
+            return str(store.local_dir(digest)) if by_path else None
+
+        make_member = member_factory(settings, metrics, local, adapter_path, on_fatal)
+        pool = EnginePool(
+            urls, make_member, metrics,
+            max_engines=settings.engine.max_engines, dns_refresh_s=settings.engine.dns_refresh_s,
+        )  # fmt: skip
         try:
-            if process is not None:
-                process.start()
-                await process.wait_healthy(the_engine.health, settings.engine.startup_timeout_s)
-            await monitor.check_now()
+            if local is not None and local.process is not None:
+                local.process.start()
+                probe = local.client.health
+                await local.process.wait_healthy(probe, settings.engine.startup_timeout_s)
+            await pool.start()
             if redis_link is not None and not await redis_link.check():
                 logger.warning("Redis is not reachable: serving without it until it is")
-            monitor_task = asyncio.create_task(monitor.run(), name="engine-monitor")
             result_cache = ResultCache(result_store, settings.cache, metrics)
             # Renew leases, and make the releases Redis missed, in the background.
             keepers = [
@@ -154,19 +169,18 @@ def create_app(
             ]
             bounds = RequestBounds(settings, TokenCounter.from_model_dir(settings.model_path))
             generation = GenerationService(
-                settings, the_engine, monitor, metrics, bounds, registry, adapter_slots,
-                result_cache, base_revision(settings),
-                limiter, EngineAdmission(settings.admission, metrics, engine="local"),
+                settings, pool, metrics, bounds, registry, result_cache, base_revision(settings),
+                limiter,
             )  # fmt: skip
             admin = AdapterAdminService(
                 tenants, store, registry, load_base_spec(settings), validation_limits(settings),
-                settings.store_path / "uploads", adapter_slots, metrics,
+                settings.store_path / "uploads", pool, metrics,
                 orphan_grace_s=settings.adapters.orphan_grace_s,
             )  # fmt: skip
             sweeper = asyncio.create_task(
                 admin.run_sweeps(settings.adapters.sweep_interval_s), name="adapter-sweeper"
             )
-            app.state.services = Services(tenants, generation, admin, monitor, metrics)
+            app.state.services = Services(tenants, generation, admin, pool, metrics)
             yield
         finally:
             for task in [sweeper, *keepers]:
@@ -174,19 +188,15 @@ def create_app(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            await adapter_slots.aclose()
+            # Stops every monitor and closes every client (a given engine's too: its
+            # connections belong to this app's event loop); the slots' loads end first.
+            await pool.aclose()
             if admin is not None:  # after the slots: cancelled loads can still collect files
                 await admin.aclose()
-            if monitor_task is not None:
-                monitor_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await monitor_task
-            # Also a given engine: its connections belong to this app's event loop.
-            await the_engine.aclose()
             if redis_link is not None:
                 await redis_link.aclose()
-            if process is not None:
-                await process.stop()
+            if local is not None and local.process is not None:
+                await local.process.stop()
 
     app = FastAPI(title="loragate", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_openapi(app)
@@ -195,6 +205,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(probes.router)
     app.include_router(admin_adapters.router)
+    app.include_router(admin_engines.router)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_body_bytes=settings.limits.max_body_bytes,
@@ -205,16 +216,78 @@ def create_app(
     return app
 
 
-def _make_engine(settings: Settings, engine: Engine | None) -> tuple[EngineProcess | None, Engine]:
+@dataclass(frozen=True)
+class LocalEngine:
+    """The one engine `serve` runs itself (`process`), or the one a test hands in (no process);
+    `client` talks to it."""
+
+    url: str
+    client: Engine
+    process: EngineProcess | None
+
+
+def _local_engine(settings: Settings, engine: Engine | None) -> LocalEngine | None:
+    """The engine this gateway owns, or None when it serves a pool given by URL."""
     if engine is not None:
-        return None, engine
-    if settings.engine.url is not None:
-        return None, vllm_engine_at(settings, str(settings.engine.url))
+        return LocalEngine("local://test", engine, None)
+    if settings.engine.pool_urls():
+        return None
     if settings.engine.kind == "vllm" and not (settings.model_path / "config.json").is_file():
         raise EngineStartError(
             f"no model at {settings.model_path}: run `loragate model prepare` first"
         )
     port = settings.engine.port or free_loopback_port()
+    # The local engine's port is private, but other users of the host can reach loopback: it
+    # gets a key of its own unless one is configured.
+    key = settings.engine.api_key
+    api_key = key.get_secret_value() if key is not None else secrets.token_urlsafe(32)
     argv = (vllm_argv if settings.engine.kind == "vllm" else fake_argv)(settings, port)
-    process = EngineProcess(argv, settings.cache_dir / "logs" / f"engine-{port}.log")
-    return process, vllm_engine_at(settings, f"http://127.0.0.1:{port}")
+    log_path = settings.cache_dir / "logs" / f"engine-{port}.log"
+    process = EngineProcess(argv, log_path, api_key=api_key)
+    url = f"http://127.0.0.1:{port}"
+    return LocalEngine(url, engine_client(settings, url, api_key), process)
+
+
+def adapter_source(settings: Settings) -> str:
+    """`path` when engines read the store's files where the gateway does (a local directory),
+    `store` when they fetch blobs from the store themselves (an object store)."""
+    source = settings.engine.adapter_source
+    if source == "auto":
+        return "store" if settings.store_location.startswith("s3://") else "path"
+    return source
+
+
+def member_factory(
+    settings: Settings,
+    metrics: Metrics,
+    local: LocalEngine | None,
+    adapter_path: Callable[[str], str | None],
+    on_fatal: Callable[[int], None] | None,
+) -> MemberFactory:
+    """How the pool makes the member for an engine: the local engine's client and process, or
+    a client of its own for an engine given by URL."""
+    key = settings.engine.api_key
+    api_key = key.get_secret_value() if key is not None else None
+
+    def make(name: str, url: str) -> EngineMember:
+        is_local = local is not None and url == local.url
+        client = local.client if local is not None and is_local else None
+        if client is None:
+            client = engine_client(settings, url, api_key)
+        label = "local" if is_local else name
+        slots = AdapterSlots(
+            client, adapter_path, settings.max_loaded_adapters, metrics,
+            settings.adapters.wait_for_slot_s, engine_label=label,
+        )  # fmt: skip
+        monitor = EngineMonitor(
+            client, settings.engine, settings.model, metrics,
+            local.process if local is not None and is_local else None,
+            on_fatal if is_local else None,
+            name=label,
+            on_down=slots.forget_all,
+            on_models=lambda served: slots.reconcile(adapters_listed(served, ENGINE_NAME_PREFIX)),
+        )  # fmt: skip
+        admission = EngineAdmission(settings.admission, metrics, engine=label)
+        return EngineMember(label, url, client, monitor, slots, admission)
+
+    return make

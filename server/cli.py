@@ -1,5 +1,6 @@
-"""The `loragate` command: serve the gateway (and its metrics listener), prepare the default
-model, make API keys; `loragate adapters` (in cli_adapters.py) manages tenants' adapters."""
+"""The `loragate` command: serve the gateway (and its metrics listener), run an engine of a pool,
+prepare the default model, make API keys; `loragate adapters` (cli_adapters.py) manages tenants'
+adapters, `loragate engines` (cli_engines.py) shows the gateway's engine pool."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from server.cli_adapters import adapters_app
+from server.cli_engines import engines_app
 from server.http_protocol import bounded_h11_protocol
 from server.log_format import EscapingFormatter
 from server.model_prepare import ModelPrepareError, prepare_default_model
@@ -28,6 +30,7 @@ keys_app = typer.Typer(help="API keys for the tenants file.")
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(engines_app, name="engines")
 
 err = Console(stderr=True)
 GRACEFUL_SHUTDOWN_S = 30
@@ -56,8 +59,11 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (env LORAGATE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env LORAGATE_PORT).")] = None,
     engine_url: Annotated[
-        str | None,
-        typer.Option(help="Use an engine run elsewhere instead of starting one locally."),
+        list[str] | None,
+        typer.Option(
+            help="An engine run elsewhere (repeat it for a pool; dns+http://name:port for every "
+            "address of a name) instead of starting one locally (env LORAGATE_ENGINE__URLS)."
+        ),
     ] = None,
     restart_engine: Annotated[
         bool | None,
@@ -74,7 +80,7 @@ def serve(
 ) -> None:
     """Start the local engine (unless --engine-url), wait until it is healthy, serve the API;
     metrics on their own listener (LORAGATE_METRICS__HOST / __PORT)."""
-    engine: dict[str, Any] = {"url": engine_url, "restart": restart_engine}
+    engine: dict[str, Any] = {"urls": engine_url or None, "restart": restart_engine}
     settings = load_settings(
         host=host,
         port=port,
@@ -141,6 +147,30 @@ def run_server(settings: Settings) -> int:
     if not server.started:
         return 3  # start-up failed: the lifespan logged why
     return exit_code
+
+
+@app.command("engine")
+def engine_command(
+    host: Annotated[str, typer.Option(help="Address the engine listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port the engine listens on.")] = 8100,
+    restart: Annotated[
+        bool | None, typer.Option("--restart", help="Restart the engine if it dies.")
+    ] = None,
+) -> None:
+    """Run one engine of a pool (what an engine pod runs): vLLM with every adapter of the store
+    (LORAGATE_STORE_URL) loadable by digest, behind LORAGATE_ENGINE__API_KEY."""
+    # Imported here: `loragate model prepare` does not pay for it.
+    from server.engine_servers.engine_command import run_engine
+    from server.engines.process import EngineStartError
+
+    settings = load_settings(engine={"restart": restart} if restart is not None else {})
+    configure_logging(settings.log_level)
+    try:
+        code = run_engine(settings, host, port)
+    except EngineStartError as e:
+        err.print(f"[red]cannot start:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
+    raise typer.Exit(code)
 
 
 @model_app.command("prepare")

@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from server.adapter_admin import AdapterAdminService
-from server.engines.monitor import EngineMonitor
+from server.engines.pool import EnginePool
 from server.errors import (
     AuthenticationError,
     PermissionDeniedError,
@@ -37,7 +37,7 @@ class Services:
     tenants: TenantDirectory
     generation: GenerationService
     admin: AdapterAdminService
-    monitor: EngineMonitor
+    pool: EnginePool
     metrics: Metrics
 
 

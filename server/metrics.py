@@ -68,7 +68,8 @@ class Metrics:
         )
         self.engine_up = Gauge(
             "loragate_engine_up",
-            "1 when the engine answers its health check, else 0.",
+            "1 when the engine answers its health check and serves our base model, else 0.",
+            ["engine"],
             registry=r,
         )
         self.adapter_uploads = Counter(
@@ -79,25 +80,27 @@ class Metrics:
         )
         self.adapter_loads = Counter(
             "loragate_adapter_loads_total",
-            "Adapter loads onto the engine, by result.",
-            ["result"],
+            "Adapter loads onto an engine, by result.",
+            ["engine", "result"],
             registry=r,
         )
         self.adapter_unloads = Counter(
             "loragate_adapter_unloads_total",
-            "Adapter unloads from the engine, by result.",
-            ["result"],
+            "Adapter unloads from an engine, by result.",
+            ["engine", "result"],
             registry=r,
         )
         self.adapter_load_seconds = Histogram(
             "loragate_adapter_load_seconds",
-            "Time to load an adapter onto the engine.",
+            "Time to load an adapter onto an engine.",
+            ["engine"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.adapters_loaded = Gauge(
             "loragate_adapters_loaded",
-            "Adapters loaded on the engine now.",
+            "Adapters loaded on an engine now.",
+            ["engine"],
             registry=r,
         )
         # `model` is the base model's name or "<tenant>/<adapter>" from the registry, never the
@@ -117,6 +120,7 @@ class Metrics:
         self.engine_restarts = Counter(
             "loragate_engine_restarts_total",
             "Local engine processes restarted after dying.",
+            ["engine"],
             registry=r,
         )
         self.cache_requests = Counter(
@@ -184,12 +188,38 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.engine_requests = Counter(
+            "loragate_engine_requests_total",
+            "Requests sent to an engine (each attempt of one retried on another counts).",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_retries = Counter(
+            "loragate_engine_retries_total",
+            "Requests sent to another engine after this one failed before answering.",
+            ["engine"],
+            registry=r,
+        )
         self.admission_rejections = Counter(
             "loragate_admission_rejections_total",
             "Requests refused with 503 because the engine's queue was full or the wait too long.",
             ["engine", "reason"],
             registry=r,
         )
+
+    def forget_engine(self, name: str) -> None:
+        """Drop every series of an engine that left the pool (DNS no longer lists it), so the
+        exposition does not grow with every address an engine ever had."""
+        for metric in self.engine_series():
+            metric.remove_by_labels({"engine": name})
+
+    def engine_series(self) -> list[Counter | Gauge | Histogram]:
+        return [
+            self.engine_up, self.engine_restarts, self.adapter_loads, self.adapter_unloads,
+            self.adapter_load_seconds, self.adapters_loaded, self.engine_queue_depth,
+            self.engine_running, self.engine_requests, self.engine_retries,
+            self.admission_rejections,
+        ]  # fmt: skip
 
     def forget_model(self, label: str) -> None:
         """Drop the generation series of `label` (a deleted adapter's), every token kind too,

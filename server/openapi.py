@@ -114,6 +114,21 @@ class AdapterRecord(BaseModel):
     created_at: str  # ISO 8601, UTC
 
 
+class EngineState(BaseModel):
+    name: str  # host:port, or `local`: the `engine` label of its metrics
+    url: str
+    ready: bool
+    reason: str | None  # why it is not ready
+    running: int
+    queued: int
+    adapters: list[str]  # digests of the adapter versions loaded there
+
+
+class EngineList(BaseModel):
+    object: Literal["list"]
+    data: list[EngineState]
+
+
 class AdapterList(BaseModel):
     object: Literal["list"]
     data: list[AdapterRecord]

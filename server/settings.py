@@ -5,13 +5,23 @@ Nothing else in loragate reads `os.environ`; the CLI builds a `Settings` and han
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, HttpUrl, RedisDsn, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    HttpUrl,
+    RedisDsn,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.store_url import parse_store_url
 from server.model_prepare import DEFAULT_MODEL_NAME
 
 
@@ -29,9 +39,27 @@ class ModelSettings(BaseModel):
     revision: str | None = Field(None, min_length=1, max_length=128)
 
 
+ENGINE_URL = re.compile(r"^(dns\+)?https?://[A-Za-z0-9.\-\[\]:]{1,253}(:\d{1,5})?/?$")
+
+
 class EngineSettings(BaseModel):
-    # An engine run elsewhere (Kubernetes); when unset, `loragate serve` starts one locally.
+    # An engine run elsewhere; when neither this nor `urls` is set, `loragate serve` starts one
+    # locally. Kept beside `urls` for one-engine set-ups.
     url: HttpUrl | None = None
+    # The engine pool: `http://host:port` each, or `dns+http://name:port` for every address the
+    # name resolves to, re-resolved every `dns_refresh_s` (a Kubernetes headless Service).
+    urls: list[str] = Field(default_factory=list, max_length=64)
+    dns_refresh_s: float = Field(5, ge=0.5, le=300)
+    max_engines: int = Field(64, ge=1, le=1024)  # bounds the pool (and its metric series)
+    # The secret gateways and engines share: the gateway sends it on every engine call, and
+    # `loragate engine` refuses every call without it but /health. Unset with `serve`'s local
+    # engine: a random one per start.
+    api_key: SecretStr | None = Field(None, min_length=16, max_length=256)
+    # How an engine gets an adapter's files: `path` hands it a directory of the store (a local
+    # engine, or one that mounts the store's volume at the same path); `store` names the digest
+    # and the engine fetches and verifies it itself (`loragate engine`). `auto`: `store` with
+    # an s3:// store, else `path`.
+    adapter_source: Literal["auto", "path", "store"] = "auto"
     # `fake` runs loragate's deterministic fake engine instead of vLLM: for tests and for
     # measuring the gateway alone. Never for users.
     kind: Literal["vllm", "fake"] = "vllm"
@@ -56,6 +84,21 @@ class EngineSettings(BaseModel):
     request_timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(2, gt=0)
 
+    @field_validator("urls")
+    @classmethod
+    def _engine_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if ENGINE_URL.fullmatch(url) is None:
+                raise ValueError(
+                    f"engine URL {url[:80]!r} is not http(s)://host:port or dns+http(s)://name:port"
+                )
+        return urls
+
+    def pool_urls(self) -> list[str]:
+        """Every configured engine URL, `url` first; empty: `serve` runs a local engine."""
+        urls = ([str(self.url)] if self.url is not None else []) + self.urls
+        return list(dict.fromkeys(u.rstrip("/") for u in urls))
+
 
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -71,6 +114,9 @@ class AdapterSettings(BaseModel):
     # the store may be between storing it and writing its record.
     orphan_grace_s: float = Field(600, ge=60, le=86400)
     sweep_interval_s: float = Field(3600, ge=10, le=86400)  # also once at start-up
+    # An s3:// registry serves a record from memory this long: a delete or replace through
+    # another replica is honoured everywhere within it (file:// records are checked each time).
+    record_ttl_s: float = Field(1, gt=0, le=60)
 
 
 class LimitSettings(BaseModel):
@@ -168,9 +214,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    # Adapter files and the registry; defaults to <cache_dir>/store. On Kubernetes, a volume
-    # shared by every gateway replica and the engines.
+    # Adapter files and the registry; defaults to <cache_dir>/store. With a pool, a volume
+    # shared by every gateway replica and the engines, or `store_url`.
     store_dir: Path | None = None
+    # Where adapters live: `file:///abs/path` (the layout of `store_dir`, which it replaces) or
+    # `s3://bucket/prefix` on any S3-compatible service, configured as every AWS tool is
+    # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+    store_url: str | None = Field(None, max_length=1024)
     # Adapters loaded on the engine at once (vLLM's --max-cpu-loras); the least recently used
     # idle one is unloaded to make room.
     max_loaded_adapters: int = Field(8, ge=1, le=1024)
@@ -199,6 +249,18 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.store_dir or self.cache_dir / "store"
+
+    @property
+    def store_location(self) -> str:
+        """`store_url`, or the store dir as a file:// URL."""
+        return self.store_url or self.store_path.resolve().as_uri()
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_store_url(url)  # its ValueError says what is wrong
+        return url
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

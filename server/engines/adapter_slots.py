@@ -1,7 +1,8 @@
-"""Which adapters are loaded on the engine: loaded on first use (once, however many requests ask
+"""Which adapters are loaded on one engine: loaded on first use (once, however many requests ask
 together, and on to the end whichever of them goes away), the least recently used idle one
 unloaded to make room, never one with requests in flight. Engine-side names derive from the
-content digest, never from a tenant's name.
+content digest, never from a tenant's name. An engine that went down is assumed to hold none
+(`forget_all`) until its model list says otherwise (`reconcile`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engines.base import Engine
-from server.errors import EngineUnavailableError, LoragateError
+from server.errors import LoragateError, ServerOverloadedError
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,23 @@ class AdapterSlots:
     def __init__(
         self,
         engine: Engine,
-        adapter_path: Callable[[str], str],
+        adapter_path: Callable[[str], str | None],
         capacity: int,
         metrics: Metrics,
         wait_for_slot_s: float = 30.0,
+        engine_label: str = "local",
     ) -> None:
         self._engine = engine
-        self._adapter_path = adapter_path  # digest -> directory the engine can read
+        # digest -> directory the engine can read, or None: the engine fetches it by name.
+        self._adapter_path = adapter_path
         self._capacity = capacity
-        self._metrics = metrics
         self._wait_for_slot_s = wait_for_slot_s
+        self._label = engine_label
+        self._loaded_gauge = metrics.adapters_loaded.labels(engine_label)
+        results = ("ok", "error")
+        self._loads = {r: metrics.adapter_loads.labels(engine_label, r) for r in results}
+        self._unloads = {r: metrics.adapter_unloads.labels(engine_label, r) for r in results}
+        self._load_seconds = metrics.adapter_load_seconds.labels(engine_label)
         # Invariants: a digest in `_loaded` is loaded on the engine (as far as we know), in LRU
         # order (oldest first); a digest with `_in_flight[d] > 0` is never unloaded; loaded plus
         # `_reserved` (loads under way) never exceeds capacity. `_slots` serializes the
@@ -62,7 +70,6 @@ class AdapterSlots:
         # holds the one load task per digest, owned here and shared by every request waiting.
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._in_flight: Counter[str] = Counter()
-        self._held: Counter[str] = Counter()  # requests that resolved a version, not yet ended
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
@@ -75,30 +82,45 @@ class AdapterSlots:
         return list(self._loaded)
 
     def in_use(self, digest: str) -> bool:
-        """Whether a request here uses the version (its files must stay): pinned, loading, or
-        held by a request that resolved it and has not ended."""
-        return self._in_flight[digest] > 0 or digest in self._loading or self._held[digest] > 0
+        """Whether a request here uses the version (its files must stay): pinned or loading."""
+        return self._in_flight[digest] > 0 or digest in self._loading
 
-    def hold(self, digest: str) -> Callable[[], None]:
-        """Keep the version in use (its files uncollected) from when a request resolves it
-        until the returned release is called, however long the request waits in between. Not
-        a pin: a held adapter may still be unloaded while idle, so waiting requests never keep
-        others from a slot."""
-        self._held[digest] += 1
-        released = False
+    def busy(self) -> bool:
+        """Whether any request is pinned here or any load is under way."""
+        return bool(self._in_flight) or bool(self._loading)
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self._held[digest] -= 1
-            if self._held[digest] <= 0:
-                del self._held[digest]
-                if not self.in_use(digest):
-                    self._notify_idle(digest)
+    def held_or_loading(self) -> frozenset[str]:
+        """The digests a request sent here would find loaded, or being loaded."""
+        return frozenset(self._loaded) | frozenset(self._loading)
 
-        return release
+    def can_load(self) -> bool:
+        """Whether one more adapter fits: a free slot, or an idle loaded one to evict."""
+        if len(self._loaded) + self._reserved < self._capacity:
+            return True
+        return any(not self._in_flight[d] for d in self._loaded)
+
+    def forget_all(self) -> None:
+        """The engine went down: it holds none of our adapters any more (a restart loses them).
+        Pins stay, and end as their requests do."""
+        if self._loaded:
+            logger.info(
+                "engine %s down: forgetting its %d adapters", self._label, len(self._loaded)
+            )
+        self._loaded.clear()
+        self._loaded_gauge.set(0)
+
+    def reconcile(self, listed: list[str]) -> None:
+        """The engine (back up) lists these digests as loaded: adopt them, up to our capacity,
+        and forget those it does not list."""
+        for digest in [d for d in self._loaded if d not in listed]:
+            del self._loaded[digest]
+        for digest in listed:
+            if digest in self._loaded or digest in self._loading:
+                continue
+            if len(self._loaded) + self._reserved >= self._capacity:
+                break
+            self._loaded[digest] = None
+        self._loaded_gauge.set(len(self._loaded))
 
     def on_idle(self, listener: Callable[[str], None]) -> None:
         """Call `listener(digest)` on the event loop whenever `in_use(digest)` turns false: its
@@ -123,8 +145,8 @@ class AdapterSlots:
         """The engine lost a pinned adapter (it restarted): load it again, keeping the pin."""
         if digest in self._loaded:
             del self._loaded[digest]
-            self._metrics.adapters_loaded.set(len(self._loaded))
-            logger.warning("adapter %s missing on the engine; reloading", digest[:12])
+            self._loaded_gauge.set(len(self._loaded))
+            logger.warning("adapter %s missing on engine %s; reloading", digest[:12], self._label)
         await self._ensure_loaded(digest)
 
     async def _ensure_loaded(self, digest: str) -> None:
@@ -158,13 +180,16 @@ class AdapterSlots:
                 await unloading  # its unload must land before our load, or it would undo it
             start = time.perf_counter()
             await self._engine.load_adapter(engine_name(digest), self._adapter_path(digest))
-            self._metrics.adapter_load_seconds.observe(time.perf_counter() - start)
-            self._metrics.adapter_loads.labels("ok").inc()
+            self._load_seconds.observe(time.perf_counter() - start)
+            self._loads["ok"].inc()
             self._loaded[digest] = None
-            self._metrics.adapters_loaded.set(len(self._loaded))
-            logger.info("adapter %s loaded (%d/%d)", digest[:12], len(self._loaded), self._capacity)
+            self._loaded_gauge.set(len(self._loaded))
+            logger.info(
+                "adapter %s loaded on engine %s (%d/%d)",
+                digest[:12], self._label, len(self._loaded), self._capacity,
+            )  # fmt: skip
         except BaseException:
-            self._metrics.adapter_loads.labels("error").inc()
+            self._loads["error"].inc()
             raise
         finally:
             if reserved:
@@ -187,7 +212,7 @@ class AdapterSlots:
                 try:
                     await asyncio.wait_for(self._became_idle.wait(), max(remaining, 0))
                 except TimeoutError:
-                    raise EngineUnavailableError(
+                    raise ServerOverloadedError(
                         "every adapter slot on the engine is busy", retry_after_s=2
                     ) from None
             self._reserved += 1
@@ -196,18 +221,18 @@ class AdapterSlots:
         # Out of `_loaded` before the unload is even sent: a request arriving meanwhile loads
         # it afresh (after this unload lands) instead of using an adapter being removed.
         del self._loaded[digest]
-        self._metrics.adapters_loaded.set(len(self._loaded))
+        self._loaded_gauge.set(len(self._loaded))
         task = asyncio.create_task(self._unload(digest), name=f"unload-{digest[:12]}")
         self._unloading[digest] = task
 
     async def _unload(self, digest: str) -> None:
         try:
             await self._engine.unload_adapter(engine_name(digest))
-            self._metrics.adapter_unloads.labels("ok").inc()
-            logger.info("adapter %s unloaded", digest[:12])
+            self._unloads["ok"].inc()
+            logger.info("adapter %s unloaded from engine %s", digest[:12], self._label)
         except LoragateError as e:
             # The engine may have lost it already (restart); its slot is free either way.
-            self._metrics.adapter_unloads.labels("error").inc()
+            self._unloads["error"].inc()
             logger.warning("unloading adapter %s failed: %s", digest[:12], e.message)
         finally:
             self._unloading.pop(digest, None)

@@ -16,6 +16,7 @@ from server.settings import AdmissionSettings
 
 class EngineAdmission:
     def __init__(self, settings: AdmissionSettings, metrics: Metrics, engine: str) -> None:
+        self.max_running = settings.max_running
         self._max_queued = settings.max_queued
         self._timeout_s = settings.queue_timeout_s
         self._slots = asyncio.Semaphore(settings.max_running)
@@ -25,6 +26,7 @@ class EngineAdmission:
         self._engine = engine
         self._depth = metrics.engine_queue_depth.labels(engine)
         self._in_flight = metrics.engine_running.labels(engine)
+        self._sent = metrics.engine_requests.labels(engine)
 
     @property
     def queued(self) -> int:
@@ -53,6 +55,7 @@ class EngineAdmission:
             await self._slots.acquire()  # free: returns at once
         self._running += 1
         self._in_flight.set(self._running)
+        self._sent.inc()
         released = False
 
         def release() -> None:

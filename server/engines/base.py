@@ -56,9 +56,10 @@ class Engine(Protocol):
         """Send a streaming request; raises before returning if the engine refuses it."""
         ...
 
-    async def load_adapter(self, engine_name: str, path: str) -> None:
-        """Make the adapter at `path` servable as model `engine_name`; loading a name that is
-        already loaded is not an error."""
+    async def load_adapter(self, engine_name: str, path: str | None) -> None:
+        """Make the adapter at `path` servable as model `engine_name`, or with no path, the
+        adapter the engine finds under that name in the store; loading a name that is already
+        loaded is not an error."""
         ...
 
     async def unload_adapter(self, engine_name: str) -> None:

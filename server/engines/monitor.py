@@ -6,7 +6,9 @@ ready when its /health answers and, read each time it comes up (start-up, every 
 unreachable or unhealthy, a local restart), its model list serves our base model with at least
 our context length. Readiness is cleared at once when a request finds the engine unreachable or
 the local engine process exits. A dead local engine is restarted, or the gateway is told to exit
-non-zero after a grace period of answering 503.
+non-zero after a grace period of answering 503. `on_down` hears of every time the engine is seen
+down, `on_models` of every model list read when it comes up: the pool keeps the engine's adapter
+slots in step with them.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class EngineMonitor:
         metrics: Metrics,
         process: EngineProcess | None = None,
         on_fatal: Callable[[int], None] | None = None,
+        *,
+        name: str = "local",
+        on_down: Callable[[], None] | None = None,
+        on_models: Callable[[Sequence[ServedModel]], None] | None = None,
     ) -> None:
         self._engine = engine
         self._settings = settings
@@ -88,6 +94,10 @@ class EngineMonitor:
         self._metrics = metrics
         self._process = process
         self._on_fatal = on_fatal
+        self.name = name
+        self._on_down = on_down
+        self._on_models = on_models
+        self._up = metrics.engine_up.labels(name)
         # Invariant: `_models_checked` is False whenever the engine was last seen down, so the
         # model list is read again when it comes back; `_epoch` counts those sightings, so a
         # check that began before one does not declare the engine ready.
@@ -113,17 +123,21 @@ class EngineMonitor:
     def _set_reason(self, reason: NotReady | None) -> None:
         if reason != self._reason:  # one log line per change, not one per poll
             if reason is None:
-                logger.info("engine is ready")
+                logger.info("engine %s is ready", self.name)
             else:
                 level = logging.WARNING if reason.code == "engine_unavailable" else logging.ERROR
-                logger.log(level, "engine is NOT ready (%s): %s", reason.code, reason.message)
+                logger.log(
+                    level, "engine %s is NOT ready (%s): %s", self.name, reason.code, reason.message
+                )
         self._reason = reason
-        self._metrics.engine_up.set(1 if reason is None else 0)
+        self._up.set(1 if reason is None else 0)
 
     def _seen_down(self, reason: NotReady) -> None:
         self._epoch += 1
         self._models_checked = False
         self._set_reason(reason)
+        if self._on_down is not None:
+            self._on_down()
 
     def mark_unreachable(self) -> None:
         """A request found the engine unreachable: stop sending it work until it is healthy."""
@@ -138,20 +152,22 @@ class EngineMonitor:
         if not healthy:
             self._seen_down(UNREACHABLE)
         elif not self._models_checked:
-            reason, definitive = await self._check_models()
-            if epoch == self._epoch:
+            reason, definitive, served = await self._check_models()
+            if epoch == self._epoch:  # not seen down while the list was read
                 self._models_checked = definitive
+                if definitive and self._on_models is not None:
+                    self._on_models(served)
                 self._set_reason(reason)
         return self.ready
 
-    async def _check_models(self) -> tuple[NotReady | None, bool]:
+    async def _check_models(self) -> tuple[NotReady | None, bool, list[ServedModel]]:
         """The reason the engine cannot serve us (None: it can), and whether that is the
         engine's answer (a list that could not be read is asked for again on the next poll)."""
         try:
             served = await self._engine.served_models()
         except LoragateError as e:
-            return NotReady("engine_unavailable", f"model list unread: {e.message}"), False
-        return check_served(served, self._model), True
+            return NotReady("engine_unavailable", f"model list unread: {e.message}"), False, []
+        return check_served(served, self._model), True, served
 
     async def run(self) -> None:
         """Poll until cancelled (the lifespan owns this task)."""
@@ -172,10 +188,10 @@ class EngineMonitor:
     async def _on_engine_exit(self, code: int) -> None:
         assert self._process is not None
         self._seen_down(EXITED)
-        logger.error("engine process exited with code %s", code)
+        logger.error("engine %s process exited with code %s", self.name, code)
         await self._process.stop()  # reap whatever of its process group outlived it
         if self._settings.restart:
-            self._metrics.engine_restarts.inc()
+            self._metrics.engine_restarts.labels(self.name).inc()
             self._process.start()
             try:
                 await self._process.wait_healthy(

@@ -89,6 +89,9 @@ def translate_error_status(status: int, content: bytes) -> LoragateError:
         return InvalidRequestError(text, param=param)
     if status == 404:
         return ModelNotFoundError("The model does not exist.", param="model")
+    if status in (401, 403):
+        # Ours to fix, not the caller's: the gateway's engine.api_key is not the engine's.
+        return EngineError("the engine refused the gateway's key (engine.api_key)")
     if status == 503:
         return EngineUnavailableError("the engine is overloaded or starting")
     return EngineError(f"the engine failed ({status})")
@@ -147,11 +150,19 @@ class AiohttpEngineStream:
 
 
 class OpenAIHttpEngine:
-    """Talks to one engine at `base_url`. The session is made on first use, on the running
-    event loop (aiohttp sessions belong to the loop they are made on)."""
+    """Talks to one engine at `base_url`, sending `api_key` (the secret gateway and engines
+    share) on every call. The session is made on first use, on the running event loop
+    (aiohttp sessions belong to the loop they are made on)."""
 
-    def __init__(self, base_url: str, request_timeout_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        request_timeout_s: float,
+        connect_timeout_s: float,
+        api_key: str | None = None,
+    ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s
         )
@@ -163,7 +174,10 @@ class OpenAIHttpEngine:
             # the engine.
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                headers=self._headers,
             )
         return self._session
 
@@ -212,7 +226,16 @@ class OpenAIHttpEngine:
             raise translate_error_status(response.status, content)
         return AiohttpEngineStream(response)
 
-    async def load_adapter(self, engine_name: str, path: str) -> None:
+    async def load_adapter(self, engine_name: str, path: str | None) -> None:
+        if path is None:
+            # The engine fetches it from the store itself (`loragate engine`: its LoRA resolver
+            # runs when a request names an adapter it does not hold). Tokenizing one character
+            # is the cheapest request that does, and it answers only once the load is done.
+            body: dict[str, Any] = {"model": engine_name, "prompt": "a"}
+            status, content = await self._post("/tokenize", body)
+            if status != 200:
+                raise translate_error_status(status, content)
+            return
         body = {"lora_name": engine_name, "lora_path": path}
         status, content = await self._post("/v1/load_lora_adapter", body)
         # After an engine restart we may reload a name it never lost (our view was stale):

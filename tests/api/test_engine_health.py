@@ -114,5 +114,5 @@ def test_metrics_count_requests_by_route_and_status(gateway: Gateway) -> None:
     assert 'loragate_requests_total{route="/v1/chat/completions",status="401"} 1.0' in text
     assert 'loragate_requests_total{route="other",status="404"} 1.0' in text
     assert 'loragate_time_to_first_token_seconds_count{route="/v1/chat/completions"} 1.0' in text
-    assert "loragate_engine_up 1.0" in text
+    assert 'loragate_engine_up{engine="local"} 1.0' in text
     assert "xxxxx" not in text  # raw paths never become label values

@@ -129,7 +129,7 @@ def test_serve_splits_metrics_from_the_public_port(
     assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 404
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     assert 'loragate_requests_total{route="/readyz",status="200"}' in text
-    assert "loragate_engine_up 1.0" in text
+    assert 'loragate_engine_up{engine="local"} 1.0' in text
     proc.send_signal(signal.SIGTERM)
     # uvicorn re-raises the signal once it has shut down gracefully
     assert proc.wait(30) in (0, -signal.SIGTERM)

@@ -136,7 +136,7 @@ def test_a_request_finding_the_engine_unreachable_makes_the_next_poll_recheck(
     knobs = FakeEngineKnobs(model=MODEL)
     with gateway_for(tmp_path, knobs) as gw:
         knobs.model = "other-base"  # swapped faster than a poll could see it down
-        gw.app.state.services.monitor.mark_unreachable()
+        gw.app.state.services.pool.members[0].monitor.mark_unreachable()
         wait_for(lambda: readyz_code(gw) == "engine_model_mismatch", "the mismatch")
 
 

@@ -189,7 +189,7 @@ def test_a_hit_is_served_while_the_engine_is_down(gateway: Gateway) -> None:
     body = chat_body("resilient", **GREEDY)
     post(gateway, body)
     gateway.knobs.healthy = False
-    gateway.app.state.services.monitor.mark_unreachable()
+    gateway.app.state.services.pool.members[0].monitor.mark_unreachable()
     assert cache_of(post(gateway, body)) == "hit"
     assert post(gateway, chat_body("uncached", **GREEDY)).status_code == 503
 

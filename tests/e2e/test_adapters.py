@@ -132,8 +132,9 @@ def test_thirty_adapters_with_a_cap_of_four_all_answer_as_their_reference(
     wrong = [(m.tenant, m.name) for m, a in zip(order, answers, strict=True) if a != m.reference]
     assert not wrong
     metrics = httpx.get(vllm_gateway.metrics_url).text
-    loaded = float(metrics.split("\nloragate_adapters_loaded ")[1].split()[0])
-    loads = float(metrics.split('loragate_adapter_loads_total{result="ok"} ')[1].split()[0])
+    loaded = float(metrics.split('\nloragate_adapters_loaded{engine="local"} ')[1].split()[0])
+    loads_ok = 'loragate_adapter_loads_total{engine="local",result="ok"} '
+    loads = float(metrics.split(loads_ok)[1].split()[0])
     assert loaded <= 4
     assert loads >= 30  # every adapter loaded at least once, most of them again after eviction
 

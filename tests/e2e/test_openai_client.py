@@ -101,5 +101,5 @@ def test_metrics_show_requests_and_engine_up(vllm_gateway: ServeProcess) -> None
     vllm_gateway.client().models.list()
     text = httpx.get(vllm_gateway.metrics_url).text
     assert 'loragate_requests_total{route="/v1/models",status="200"}' in text
-    assert "loragate_engine_up 1.0" in text
+    assert 'loragate_engine_up{engine="local"} 1.0' in text
     assert httpx.get(f"{vllm_gateway.url}/metrics").status_code == 404  # not on the public port

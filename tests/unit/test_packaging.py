@@ -15,9 +15,9 @@ OWN_PACKAGES = {"server", "adapters", "tests"}
 # Starlette parses multipart forms (adapter uploads) with python-multipart but declares it only
 # as optional: without it every upload is a 500.
 LOADED_ON_DEMAND = {"python-multipart"}
-# Imported only inside `loragate model prepare`, which runs where an engine runs (it comes with
-# the engine extra there).
-ENGINE_HOST_ONLY = {"torch"}
+# Imported only where an engine runs, which has the engine extra: torch inside `loragate model
+# prepare`, vllm inside the store resolver plugin (which runs in vLLM's own process).
+ENGINE_HOST_ONLY = {"torch", "vllm"}
 
 
 def _name(requirement: str) -> str:
@@ -41,7 +41,18 @@ def base_requirements(distribution: str = "loragate") -> set[str]:
 def imported_top_level_modules() -> set[str]:
     modules: set[str] = set()
     for path in [*ROOT.joinpath("server").rglob("*.py"), *ROOT.joinpath("adapters").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` never run: type stubs need not be installed.
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for stmt in node.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 modules |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from server.engines.adapter_slots import AdapterLease, AdapterSlots
+from server.errors import EngineUnavailableError
 from tests.unit.test_adapter_slots import make, settle
 
 
@@ -30,7 +31,7 @@ async def test_cancelling_the_request_that_started_a_load_does_not_fail_the_othe
     results = await asyncio.gather(*others, return_exceptions=True)
     assert all(isinstance(r, AdapterLease) for r in results), results
     assert first.cancelled()
-    assert engine.events == ["load A"]
+    assert engine.events == ["load lg-A"]
     assert adapters.in_use("A")  # the three leases
     for lease in results:
         assert isinstance(lease, AdapterLease)
@@ -49,10 +50,10 @@ async def test_a_load_nobody_waits_for_any_more_finishes_and_stays_idle() -> Non
     with pytest.raises(asyncio.CancelledError):
         await only
     await asyncio.sleep(0.2)
-    assert adapters.loaded == ["A"] and engine.events == ["load A"]
+    assert adapters.loaded == ["A"] and engine.events == ["load lg-A"]
     assert not adapters.in_use("A")
     (await adapters.acquire("A")).release()
-    assert engine.events == ["load A"]  # loaded already: not again
+    assert engine.events == ["load lg-A"]  # loaded already: not again
     await assert_slots_free(adapters, capacity=1)
     await adapters.aclose()
 
@@ -82,3 +83,16 @@ async def test_aclose_cancels_a_load_still_running() -> None:
     assert waiting in done and waiting.cancelled()
     assert not adapters.in_use("A") and adapters.loaded == []
     assert engine.events == []
+
+
+async def test_engine_going_away_mid_load_fails_every_waiter_and_frees_the_slot() -> None:
+    adapters, engine = make(capacity=1, load_s=0.1, wait_s=0.2)
+    waiters = [asyncio.create_task(adapters.acquire("A")) for _ in range(3)]
+    await settle()
+    engine.reachable = False  # while the engine loads
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, EngineUnavailableError) for r in results), results
+    assert not adapters.busy() and adapters.loaded == [] and engine.events == []
+    engine.reachable = True
+    await assert_slots_free(adapters, capacity=1)
+    await adapters.aclose()
