@@ -53,6 +53,7 @@ from server.settings import Settings
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from tests.support import (
+    ENGINE_KEY,
     TENANT_KEYS,
     settled_vllm_requests,
     vllm_finished_requests,
@@ -249,6 +250,7 @@ def main(
             "LORAGATE_TENANTS_FILE": str(tmp / "tenants.yaml"),
             "LORAGATE_CACHE_DIR": str(tmp / name),
             "LORAGATE_MODEL__PATH": str(model_path),
+            "LORAGATE_ENGINE__API_KEY": ENGINE_KEY,  # the engine is shared: one key for all
             **extra,
         }
 

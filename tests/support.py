@@ -15,6 +15,10 @@ from server.tenants import hash_api_key
 
 ADMIN_KEY = "sk-test-admin"
 TENANT_KEYS = {"acme": "sk-test-acme", "globex": "sk-test-globex", "initech": "sk-test-initech"}
+# The secret gateways and engines share (LORAGATE_ENGINE__API_KEY), fixed so that tests can call
+# an engine directly and more gateways can share it.
+ENGINE_KEY = "sk-test-engine-secret"
+ENGINE_HEADERS = {"Authorization": f"Bearer {ENGINE_KEY}"}
 
 
 def write_tenants_file(path: Path, limits: dict[str, dict[str, int]] | None = None) -> Path:
@@ -31,7 +35,7 @@ def write_tenants_file(path: Path, limits: dict[str, dict[str, int]] | None = No
 
 def vllm_finished_requests(engine_url: str) -> float:
     """Requests a vLLM engine has finished, from its `vllm:request_success` counters."""
-    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    text = httpx.get(f"{engine_url}/metrics", headers=ENGINE_HEADERS, timeout=10).text
     samples = [line for line in text.splitlines() if line.startswith("vllm:request_success")]
     if not samples:
         raise RuntimeError(f"{engine_url} exports no vllm:request_success metric")

