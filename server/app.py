@@ -288,6 +288,7 @@ def member_factory(
             on_models=lambda served: slots.reconcile(adapters_listed(served, ENGINE_NAME_PREFIX)),
         )  # fmt: skip
         admission = EngineAdmission(settings.admission, metrics, engine=label)
-        return EngineMember(label, url, client, monitor, slots, admission)
+        max_active = settings.engine.max_loras
+        return EngineMember(label, url, client, monitor, slots, admission, max_active)
 
     return make

@@ -93,6 +93,14 @@ class AdapterSlots:
         """The digests a request sent here would find loaded, or being loaded."""
         return frozenset(self._loaded) | frozenset(self._loading)
 
+    def active(self) -> frozenset[str]:
+        """The digests with requests pinned here: what the engine batches now."""
+        return frozenset(self._in_flight)
+
+    def has_free_slot(self) -> bool:
+        """Whether one more adapter fits without evicting any."""
+        return len(self._loaded) + self._reserved < self._capacity
+
     def can_load(self) -> bool:
         """Whether one more adapter fits: a free slot, or an idle loaded one to evict."""
         if len(self._loaded) + self._reserved < self._capacity:

@@ -42,6 +42,7 @@ class EngineMember:
     monitor: EngineMonitor
     slots: AdapterSlots
     admission: EngineAdmission
+    max_active: int = 1 << 30  # adapters the engine batches at once (vLLM's --max-loras)
     monitor_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def view(self) -> EngineView:
@@ -53,6 +54,9 @@ class EngineMember:
             max_running=self.admission.max_running,
             loaded=self.slots.held_or_loading(),
             can_load=self.slots.can_load(),
+            free_slot=self.slots.has_free_slot(),
+            active=self.slots.active(),
+            max_active=self.max_active,
         )
 
 

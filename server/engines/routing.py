@@ -3,26 +3,36 @@ each engine right now, so it is tested and simulated without any engine.
 
 An adapter request scores each ready engine (after llm-d's lora-affinity scorer):
 
-- 1.0: the adapter is loaded (or loading) there and the engine has room;
-- 0.8: a slot is free (or an idle adapter can be evicted) and the engine has room;
-- 0.6: the adapter is loaded there, but the engine is saturated: the request would queue;
-- 0.4: saturated, but it could load the adapter;
+- 1.0: the adapter is loaded (or loading) there and the engine has room for it;
+- 0.8: a slot is free there and the engine has room;
+- 0.7: an idle adapter can be evicted there and the engine has room;
+- 0.6: the adapter is loaded there, but the engine has no room: the request would queue;
+- 0.4: no room, but it could load the adapter;
 - 0: no slot can be had (every loaded adapter is busy).
 
-Ties go to the least loaded engine. So a hot adapter spreads to a second engine once its holder
-is saturated instead of queueing behind it, and an engine is only made to evict when no engine
-holds the adapter or has room. Adapters are named by content digest: a replaced adapter is a new
-digest that no engine holds, so a request never goes to an engine holding a stale version.
-Base-model requests go to the least loaded engine.
+An engine has room for a request while its running plus queued requests are below
+`max_running`, and the engine would batch the adapter at once: it is one of those running there
+already, or fewer than `max_active` (vLLM's --max-loras) are. Past that, vLLM makes the request
+wait inside the engine for a LoRA slot, however idle the gateway thinks the engine is.
+
+Ties go to the least loaded engine, then to the engine a hash of (digest, engine) ranks first:
+so equally idle engines share new adapters evenly, and every gateway replica, seeing the same
+engines, picks the same one for the same adapter. A hot adapter spreads to a second engine once
+its holder has no room instead of queueing behind it, and an engine is only made to evict when
+no engine holds the adapter or has a free slot. Adapters are named by content digest: a replaced
+adapter is a new digest that no engine holds, so a request never goes to an engine holding a
+stale version. Base-model requests go to the least loaded engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 HELD_WITH_ROOM = 1.0
 SLOT_WITH_ROOM = 0.8
+EVICT_WITH_ROOM = 0.7
 HELD_SATURATED = 0.6
 SLOT_SATURATED = 0.4
 NO_SLOT = 0.0
@@ -30,8 +40,9 @@ NO_SLOT = 0.0
 
 @dataclass(frozen=True)
 class EngineView:
-    """One engine as the router sees it. `loaded` holds the digests loaded or loading there;
-    `can_load` says whether one more adapter fits (a free slot, or an idle one to evict)."""
+    """One engine as the router sees it. `loaded` holds the digests loaded or loading there,
+    `active` those with requests running there; `free_slot` says whether one more adapter fits
+    as it is, `can_load` whether it fits at all (a free slot, or an idle one to evict)."""
 
     name: str
     ready: bool
@@ -40,25 +51,36 @@ class EngineView:
     max_running: int  # above this the engine is saturated: requests queue in the gateway
     loaded: frozenset[str]
     can_load: bool
+    free_slot: bool = True
+    active: frozenset[str] = frozenset()
+    max_active: int = 1 << 30  # adapters the engine batches at once (vLLM's --max-loras)
 
     @property
     def load(self) -> float:
         return (self.running + self.queued) / self.max_running
 
-    @property
-    def has_room(self) -> bool:
-        return self.running + self.queued < self.max_running
+    def has_room(self, digest: str | None = None) -> bool:
+        if self.running + self.queued >= self.max_running:
+            return False
+        return digest is None or digest in self.active or len(self.active) < self.max_active
 
 
 def affinity(view: EngineView, digest: str) -> float:
     held = digest in view.loaded
-    if view.has_room:
+    if view.has_room(digest):
         if held:
             return HELD_WITH_ROOM
-        return SLOT_WITH_ROOM if view.can_load else NO_SLOT
+        if view.free_slot and view.can_load:
+            return SLOT_WITH_ROOM
+        return EVICT_WITH_ROOM if view.can_load else NO_SLOT
     if held:
         return HELD_SATURATED
     return SLOT_SATURATED if view.can_load else NO_SLOT
+
+
+def spread(digest: str, engine: str) -> bytes:
+    """Rendezvous rank of `engine` for `digest`: the same on every gateway replica."""
+    return hashlib.blake2b(f"{digest}/{engine}".encode(), digest_size=8).digest()
 
 
 def choose(
@@ -70,12 +92,12 @@ def choose(
     if digest is None:
         return min(candidates, key=lambda v: (v.load, v.name), default=None)
     best: EngineView | None = None
-    best_key: tuple[float, float, str] | None = None
+    best_key: tuple[float, float, bytes] | None = None
     for view in candidates:
         score = affinity(view, digest)
         if score == NO_SLOT:
             continue
-        key = (-score, view.load, view.name)
+        key = (-score, view.load, spread(digest, view.name))
         if best_key is None or key < best_key:
             best, best_key = view, key
     if best is None:

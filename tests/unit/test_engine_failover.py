@@ -34,7 +34,7 @@ from tests.engine_fake import ANSWER, MODEL, FakeEngine, fake_member
 
 E1, E2 = "e1:8000", "e2:8000"
 ADAPTER = "support-bot"
-DIGEST = "ab" * 32
+DIGEST = "cd" * 32  # one the router ranks e1 first for (routing.spread), at equal load
 # One request at a time: a tenant slot a failed request kept would refuse the next one (429).
 TENANT = Tenant("acme", TenantLimits(max_concurrent=1))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from server.engines.routing import (
+    EVICT_WITH_ROOM,
     HELD_SATURATED,
     HELD_WITH_ROOM,
     NO_SLOT,
@@ -19,6 +20,7 @@ from server.engines.routing import (
     EngineView,
     affinity,
     choose,
+    spread,
 )
 
 
@@ -225,7 +227,33 @@ def test_a_hot_adapter_spreads_to_a_second_engine_once_its_holder_is_saturated()
             loaded=chosen.loaded | {"A"},
         )
     # e1 until it is full; then the idle e2 loads A (not e3, busier); e2 until it is full; then
-    # e3 loads it, room beating a queue at a holder; then every holder is full: equal load, by
-    # name, and after that the least loaded holder.
-    assert placed == ["e1", "e1", "e2", "e2", "e3", "e1"]
-    assert choose(list(views.values()), "A") == views["e2"]
+    # e3 loads it, room beating a queue at a holder; then every holder is full at equal load:
+    # the one the (digest, engine) hash ranks first, and after that the least loaded holder.
+    first = min(("e1", "e2", "e3"), key=lambda name: spread("A", name))
+    assert placed == ["e1", "e1", "e2", "e2", "e3", first]
+    others = sorted((n for n in ("e1", "e2", "e3") if n != first), key=lambda n: spread("A", n))
+    assert choose(list(views.values()), "A") == views[others[0]]
+
+
+def test_a_free_slot_beats_evicting_an_idle_adapter() -> None:
+    evicting = replace(view("e1", loaded={"B"}), free_slot=False)
+    free = view("e2", running=2)  # busier, but nothing popular is evicted for A there
+    assert affinity(evicting, "A") == EVICT_WITH_ROOM < affinity(free, "A") == SLOT_WITH_ROOM
+    assert choose([evicting, free], "A") == free
+
+
+def test_an_engine_batching_its_limit_of_adapters_has_no_room_for_another() -> None:
+    """vLLM runs at most --max-loras adapters at once: a fifth would wait inside the engine."""
+    full = replace(view("e1", running=2, loaded={"A", "B"}), active=frozenset("BCDE"), max_active=4)
+    assert affinity(full, "B") == HELD_WITH_ROOM  # batched with its own kind at once
+    assert affinity(full, "A") == HELD_SATURATED
+    idle = view("e2", running=3)
+    assert choose([full, idle], "A") == idle and choose([full, idle], "B") == full
+
+
+def test_equally_idle_engines_share_new_adapters_the_same_way_every_time() -> None:
+    views = [view(f"e{i}") for i in range(4)]
+    digests = [f"{i:064x}" for i in range(40)]
+    placed = [choose(views, d) for d in digests]
+    assert placed == [choose(list(reversed(views)), d) for d in digests]  # order-independent
+    assert {v.name for v in placed if v is not None} == {"e0", "e1", "e2", "e3"}
