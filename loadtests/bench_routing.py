@@ -56,6 +56,7 @@ import numpy as np
 import typer
 
 from server.engine_servers.capacity import Capacity, Done, EngineModel
+from server.engines.eviction import DemandTracker
 from server.engines.routing import EngineView, choose
 
 # Prompt and output lengths, in tokens, and how often each comes.
@@ -188,6 +189,7 @@ class SimEngine:
     reserved: int = 0
     slot_line: deque[PendingLoad] = field(default_factory=deque)
     loads: list[float] = field(default_factory=list)  # when each load was sent
+    demand: DemandTracker = field(default_factory=DemandTracker)  # AdapterSlots' eviction
     due: float | None = None  # the wake-up scheduled for the model
     version: int = 0
 
@@ -278,6 +280,7 @@ class Simulation:
             self.submit(engine, request)
             return
         engine.pins[digest] += 1  # pinned first: from here on nothing evicts it
+        engine.demand.touch(digest, self.now)
         if digest in engine.loaded:
             engine.loaded.move_to_end(digest)
             self.submit(engine, request)
@@ -295,10 +298,12 @@ class Simulation:
         (an unload costs the engine nothing here), until one finds every slot pinned."""
         while engine.slot_line:
             if len(engine.loaded) + engine.reserved >= self.gateway.max_loaded:
-                victim = next((d for d in engine.loaded if not engine.pins[d]), None)
+                idle = (d for d in engine.loaded if not engine.pins[d])
+                victim = engine.demand.victim(idle, self.now)
                 if victim is None:
                     return  # until a pin is released
                 del engine.loaded[victim]
+                engine.demand.forget(victim)
                 continue
             digest = engine.slot_line.popleft().digest
             engine.reserved += 1

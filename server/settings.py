@@ -221,7 +221,7 @@ class Settings(BaseSettings):
     # `s3://bucket/prefix` on any S3-compatible service, configured as every AWS tool is
     # (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
     store_url: str | None = Field(None, max_length=1024)
-    # Adapters loaded on the engine at once (vLLM's --max-cpu-loras); the least recently used
+    # Adapters loaded on the engine at once (vLLM's --max-cpu-loras); the least asked-for
     # idle one is unloaded to make room.
     max_loaded_adapters: int = Field(8, ge=1, le=1024)
     tenants_file: Path | None = None

@@ -1,8 +1,9 @@
 """Which adapters are loaded on one engine: loaded on first use (once, however many requests ask
-together, and on to the end whichever of them goes away), the least recently used idle one
-unloaded to make room, never one with requests in flight. Engine-side names derive from the
-content digest, never from a tenant's name. An engine that went down is assumed to hold none
-(`forget_all`) until its model list says otherwise (`reconcile`).
+together, and on to the end whichever of them goes away), the idle one asked for least lately
+unloaded to make room (`eviction.DemandTracker`), never one with requests in flight.
+Engine-side names derive from the content digest, never from a tenant's name. An engine that
+went down is assumed to hold none (`forget_all`) until its model list says otherwise
+(`reconcile`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engines.base import Engine
+from server.engines.eviction import DemandTracker
 from server.errors import LoragateError, ServerOverloadedError
 from server.metrics import Metrics
 
@@ -64,12 +66,14 @@ class AdapterSlots:
         self._unloads = {r: metrics.adapter_unloads.labels(engine_label, r) for r in results}
         self._load_seconds = metrics.adapter_load_seconds.labels(engine_label)
         # Invariants: a digest in `_loaded` is loaded on the engine (as far as we know), in LRU
-        # order (oldest first); a digest with `_in_flight[d] > 0` is never unloaded; loaded plus
-        # `_reserved` (loads under way) never exceeds capacity. `_slots` serializes the
-        # make-room-and-reserve step so two loads cannot both claim the last slot. `_loading`
-        # holds the one load task per digest, owned here and shared by every request waiting.
+        # order (oldest first); `_demand` tracks only digests loaded or loading; a digest with
+        # `_in_flight[d] > 0` is never unloaded; loaded plus `_reserved` (loads under way) never
+        # exceeds capacity. `_slots` serializes the make-room-and-reserve step so two loads cannot
+        # both claim the last slot. `_loading` holds the one load task per digest, owned here and
+        # shared by every request waiting.
         self._loaded: OrderedDict[str, None] = OrderedDict()
         self._in_flight: Counter[str] = Counter()
+        self._demand = DemandTracker()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._unloading: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
@@ -115,6 +119,7 @@ class AdapterSlots:
                 "engine %s down: forgetting its %d adapters", self._label, len(self._loaded)
             )
         self._loaded.clear()
+        self._demand = DemandTracker()
         self._loaded_gauge.set(0)
 
     def reconcile(self, listed: list[str]) -> None:
@@ -122,6 +127,7 @@ class AdapterSlots:
         and forget those it does not list."""
         for digest in [d for d in self._loaded if d not in listed]:
             del self._loaded[digest]
+            self._demand.forget(digest)
         for digest in listed:
             if digest in self._loaded or digest in self._loading:
                 continue
@@ -142,6 +148,7 @@ class AdapterSlots:
     async def acquire(self, digest: str) -> AdapterLease:
         """Pin the adapter, loading it if needed; the caller must `release()` the lease."""
         self._in_flight[digest] += 1  # pinned first: from here on nothing evicts it
+        self._demand.touch(digest, time.monotonic())
         try:
             await self._ensure_loaded(digest)
         except BaseException:
@@ -198,6 +205,7 @@ class AdapterSlots:
             )  # fmt: skip
         except BaseException:
             self._loads["error"].inc()
+            self._demand.forget(digest)  # it holds only what is loaded or loading
             raise
         finally:
             if reserved:
@@ -210,7 +218,8 @@ class AdapterSlots:
         deadline = time.monotonic() + self._wait_for_slot_s
         async with self._slots:
             while len(self._loaded) + self._reserved >= self._capacity:
-                victim = next((d for d in self._loaded if not self._in_flight[d]), None)
+                idle = (d for d in self._loaded if not self._in_flight[d])
+                victim = self._demand.victim(idle, time.monotonic())
                 if victim is not None:
                     self._evict(victim)
                     continue
@@ -229,6 +238,7 @@ class AdapterSlots:
         # Out of `_loaded` before the unload is even sent: a request arriving meanwhile loads
         # it afresh (after this unload lands) instead of using an adapter being removed.
         del self._loaded[digest]
+        self._demand.forget(digest)
         self._loaded_gauge.set(len(self._loaded))
         task = asyncio.create_task(self._unload(digest), name=f"unload-{digest[:12]}")
         self._unloading[digest] = task

@@ -5,6 +5,8 @@ An adapter request scores each ready engine (after llm-d's lora-affinity scorer)
 
 - 1.0: the adapter is loaded (or loading) there and the engine has room for it;
 - 0.8: a slot is free there and the engine has room;
+- 0.75: the adapter is loaded there and the gateway has room, but the engine batches its limit
+  of other adapters: the request waits there for a LoRA slot rather than evict elsewhere;
 - 0.7: an idle adapter can be evicted there and the engine has room;
 - 0.6: the adapter is loaded there, but the engine has no room: the request would queue;
 - 0.4: no room, but it could load the adapter;
@@ -31,6 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 HELD_WITH_ROOM = 1.0
+HELD_BATCH_FULL = 0.75
 SLOT_WITH_ROOM = 0.8
 EVICT_WITH_ROOM = 0.7
 HELD_SATURATED = 0.6
@@ -67,6 +70,8 @@ class EngineView:
 
 def affinity(view: EngineView, digest: str) -> float:
     held = digest in view.loaded
+    if held and view.has_room() and not view.has_room(digest):
+        return HELD_BATCH_FULL
     if view.has_room(digest):
         if held:
             return HELD_WITH_ROOM

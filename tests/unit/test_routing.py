@@ -12,6 +12,7 @@ import pytest
 
 from server.engines.routing import (
     EVICT_WITH_ROOM,
+    HELD_BATCH_FULL,
     HELD_SATURATED,
     HELD_WITH_ROOM,
     NO_SLOT,
@@ -246,8 +247,8 @@ def test_an_engine_batching_its_limit_of_adapters_has_no_room_for_another() -> N
     """vLLM runs at most --max-loras adapters at once: a fifth would wait inside the engine."""
     full = replace(view("e1", running=2, loaded={"A", "B"}), active=frozenset("BCDE"), max_active=4)
     assert affinity(full, "B") == HELD_WITH_ROOM  # batched with its own kind at once
-    assert affinity(full, "A") == HELD_SATURATED
-    idle = view("e2", running=3)
+    assert affinity(full, "A") == HELD_BATCH_FULL  # waits there rather than evict elsewhere
+    idle = view("e2", running=3)  # a free slot and room: loads it at once
     assert choose([full, idle], "A") == idle and choose([full, idle], "B") == full
 
 
