@@ -530,7 +530,8 @@ def main(
     print("\nFewest loads / 1k requests any router can do (the most popular adapters held):")
     for n in counts:
         held = top[min(n * max_loaded, adapters) - 1]
-        print(f"- {n} engines: {1000 * (1 - base_fraction) * (1 - held):.0f}")
+        floor = max(0.0, 1000 * (1 - base_fraction) * (1 - held))  # no -0 when all fit
+        print(f"- {n} engines: {floor:.0f}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ class EnginePool:
         members = list(self._members.values())
         if not members:
             raise EngineUnavailableError("no engine is known yet")
-        if not any(m.monitor.ready for m in members):
+        if not self.ready:
             members[0].monitor.ensure_ready()  # one engine's reason says why
 
     def choose(self, digest: str | None, exclude: Iterable[str] = ()) -> EngineMember:
