@@ -81,6 +81,9 @@ class EngineSettings(BaseModel):
     restart: bool = False
     exit_grace_s: float = Field(5, ge=0, le=600)
     health_interval_s: float = Field(2, gt=0, le=60)
+    # How often a ready engine's model list is read again: which adapters it holds, including
+    # those other gateway replicas loaded or unloaded there.
+    models_refresh_s: float = Field(15, ge=1, le=3600)
     request_timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(2, gt=0)
 

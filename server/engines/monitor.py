@@ -7,8 +7,8 @@ unreachable or unhealthy, a local restart), its model list serves our base model
 our context length. Readiness is cleared at once when a request finds the engine unreachable or
 the local engine process exits. A dead local engine is restarted, or the gateway is told to exit
 non-zero after a grace period of answering 503. `on_down` hears of every time the engine is seen
-down, `on_models` of every model list read when it comes up: the pool keeps the engine's adapter
-slots in step with them.
+down, `on_models` of every model list read (when it comes up, then every `models_refresh_s`):
+the pool keeps the engine's adapter slots in step with them.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ class EngineMonitor:
         """Poll until cancelled (the lifespan owns this task)."""
         interval = self._settings.health_interval_s
         since_check = interval
+        since_models = 0.0
         while True:
             if self._process is not None and (code := self._process.returncode()) is not None:
                 await self._on_engine_exit(code)
@@ -182,8 +183,26 @@ class EngineMonitor:
             if since_check >= interval:
                 await self.check_now()
                 since_check = 0.0
+            if since_models >= self._settings.models_refresh_s:
+                await self.refresh_models()
+                since_models = 0.0
             await asyncio.sleep(0.25)  # process exit is noticed within this
             since_check += 0.25
+            since_models += 0.25
+
+    async def refresh_models(self) -> None:
+        """Read a ready engine's model list again for `on_models`: which of our adapters it holds
+        now, other gateway replicas' loads and unloads included. A list that cannot be read
+        changes nothing: health polls decide readiness."""
+        if not self.ready or self._on_models is None:
+            return
+        epoch = self._epoch
+        try:
+            served = await self._engine.served_models()
+        except LoragateError:
+            return
+        if epoch == self._epoch and self.ready:
+            self._on_models(served)
 
     async def _on_engine_exit(self, code: int) -> None:
         assert self._process is not None

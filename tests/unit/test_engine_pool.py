@@ -213,6 +213,20 @@ async def test_an_engine_back_up_adopts_the_adapters_its_model_list_shows() -> N
         assert fake.events[-1] == "load lg-B"  # not adopted: loaded again
 
 
+async def test_a_ready_engine_s_model_list_is_read_again_for_other_replicas_changes() -> None:
+    async with running([E1, E2]) as h:
+        e1, fake = h.member("e1:8000"), h.fakes[E1]
+        await use(e1, "A")
+        fake.adapters["lg-C"] = "/elsewhere/C"  # another replica loaded C there
+        del fake.adapters["lg-A"]  # and unloaded ours
+        await e1.monitor.refresh_models()
+        assert e1.slots.loaded == ["C"]
+        assert h.pool.choose("C") is e1
+        fake.reachable = False  # an unreadable list changes nothing: health polls decide
+        await e1.monitor.refresh_models()
+        assert e1.slots.loaded == ["C"] and e1.monitor.ready
+
+
 async def test_an_engine_failing_its_health_check_is_forgotten_too() -> None:
     async with running([E1, E2]) as h:
         e1, fake = h.member("e1:8000"), h.fakes[E1]
