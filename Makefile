@@ -12,7 +12,7 @@ DEV_TENANTS := deploy/dev/tenants.dev.yaml
 # Debian's redis-server, for the tests (they start their own, on free ports).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install model redis-server serve test test-fast lint bench clean
+.PHONY: install model redis-server prometheus serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -38,11 +38,16 @@ redis-server:
 	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
+# Debian's prometheus (and promtool), for the tests (they start their own, on free ports).
+prometheus:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 # The linters are part of the gate: a lint failure fails `make test` (and CI) before any test runs.
-test: lint model redis-server
+test: lint model redis-server prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install redis-server
+test-fast: install redis-server prometheus
 	$(BIN)/python -m pytest tests/unit tests/api $(PYTEST_ARGS)
 
 lint: install
