@@ -13,10 +13,14 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from adapters.registry import AdapterRegistry, LocalAdapterRegistry
 from adapters.store import AdapterStore, LocalAdapterStore
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 # S3's bucket naming rules (general purpose buckets), less the reserved names checked below.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -85,14 +89,13 @@ def open_store(
         )
     # Imported here: boto3 takes a while to import, and file:// deployments never need it.
     from adapters.s3_registry import S3AdapterRegistry
-    from adapters.s3_store import DEFAULT_CACHE_BYTES, S3AdapterStore, check_bucket, s3_client
+    from adapters.s3_store import check_bucket, s3_client
 
     client = s3_client()
     check_bucket(client, location.bucket)
-    store = S3AdapterStore(
-        client, location.bucket, location.prefix,
-        cache_dir=cache_dir, max_blob_bytes=max_blob_bytes,
-        max_cache_bytes=DEFAULT_CACHE_BYTES if max_cache_bytes is None else max_cache_bytes,
+    store = open_blob_store(
+        location, cache_dir=cache_dir, max_blob_bytes=max_blob_bytes,
+        max_cache_bytes=max_cache_bytes, client=client,
     )  # fmt: skip
     registry = S3AdapterRegistry(
         client, location.bucket, location.prefix,
@@ -100,6 +103,27 @@ def open_store(
     )  # fmt: skip
     registry.check_conditional_writes()
     return store, registry
+
+
+def open_blob_store(
+    location: StoreLocation,
+    *,
+    cache_dir: Path,
+    max_blob_bytes: int,
+    max_cache_bytes: int | None = None,
+    client: S3Client | None = None,
+) -> AdapterStore:
+    """The store at `location` alone, without its registry: what an engine reads blobs from (it
+    never reads or writes records, and its credentials need not allow it)."""
+    if isinstance(location, FileLocation):
+        return LocalAdapterStore(location.root)
+    from adapters.s3_store import DEFAULT_CACHE_BYTES, S3AdapterStore, s3_client
+
+    return S3AdapterStore(
+        client or s3_client(), location.bucket, location.prefix,
+        cache_dir=cache_dir, max_blob_bytes=max_blob_bytes,
+        max_cache_bytes=DEFAULT_CACHE_BYTES if max_cache_bytes is None else max_cache_bytes,
+    )  # fmt: skip
 
 
 def _file_location(url: str, host: str, path: str) -> FileLocation:

@@ -9,9 +9,7 @@ against moto 5.2.5 while writing them, none let two writers through).
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -23,6 +21,7 @@ import boto3
 import pytest
 
 from server.engines.process import free_loopback_port
+from tests.local_server import LocalServer, LocalServerError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -33,41 +32,25 @@ SECRET_ACCESS_KEY = "moto-test-secret-do-not-leak"
 REGION = "us-east-1"
 
 
-class MotoServerError(RuntimeError):
+class MotoServerError(LocalServerError):
     pass
 
 
-class MotoServer:
+class MotoServer(LocalServer):
+    error = MotoServerError
+
     def __init__(self, workdir: Path) -> None:
-        self._workdir = workdir
+        super().__init__("moto server", workdir / "moto.log")
         self.port = free_loopback_port()
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self) -> None:
         # The venv's own interpreter: its moto, whatever PATH says.
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        with (self._workdir / "moto.log").open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise MotoServerError(f"moto server exited with {self._proc.returncode}")
-            if self.answers():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise MotoServerError(f"moto server did not answer within {START_TIMEOUT_S} s")
+        self._launch(argv, self.answers, START_TIMEOUT_S, poll_s=0.05)
 
     def answers(self) -> bool:
         try:
@@ -75,18 +58,6 @@ class MotoServer:
                 return bool(response.status == 200)
         except (OSError, urllib.error.URLError):
             return False
-
-    def stop(self) -> None:
-        """SIGTERM to the server this object started (SIGKILL after 10 s), and wait for it."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

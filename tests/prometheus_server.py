@@ -9,9 +9,6 @@ object started is ever signalled.
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +16,31 @@ import httpx
 import yaml
 
 from server.engines.process import free_loopback_port
+from tests.local_server import LocalServer, LocalServerError
 
 START_TIMEOUT_S = 20
 
 
-class PrometheusServerError(RuntimeError):
+class PrometheusServerError(LocalServerError):
     pass
 
 
-class PrometheusServer:
+class PrometheusServer(LocalServer):
+    error = PrometheusServerError
+
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise PrometheusServerError("prometheus is not installed: run `make prometheus`")
+        super().__init__("prometheus", workdir / "prometheus.log")
         self._binary = binary
         self._workdir = workdir
         self._config = config
         self.port = free_loopback_port()
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self._workdir / "prometheus.log"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
@@ -59,21 +55,10 @@ class PrometheusServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--storage.tsdb.retention.time=1h",
         ]
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self._workdir, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise PrometheusServerError(
-                    f"prometheus exited with {self._proc.returncode}:\n{self.log()}"
-                )
-            if self.ready():
-                return
-            time.sleep(0.1)
-        raise PrometheusServerError(f"prometheus not ready within {START_TIMEOUT_S} s")
+        self._launch(argv, self.ready, START_TIMEOUT_S, poll_s=0.1, cwd=self._workdir)
+
+    def _error(self, message: str) -> PrometheusServerError:
+        return PrometheusServerError(f"{message}:\n{self.log()}")
 
     def ready(self) -> bool:
         try:
@@ -96,19 +81,3 @@ class PrometheusServer:
             return [{"metric": {}, "value": data["result"]}]
         result: list[dict[str, Any]] = data["result"]
         return result
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """`sig` to the server this object started (SIGKILL after 10 s), and wait for it."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None

@@ -11,28 +11,29 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 from server.engines.process import free_loopback_port
+from tests.local_server import LocalServer, LocalServerError
 
 START_TIMEOUT_S = 10
 
 
-class RedisServerError(RuntimeError):
+class RedisServerError(LocalServerError):
     pass
 
 
-class RedisServer:
+class RedisServer(LocalServer):
+    error = RedisServerError
+
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisServerError("redis-server is not installed: run `make redis-server`")
+        super().__init__("redis-server", workdir / "redis.log")
         self._binary = binary
         self._workdir = workdir
         self.port = free_loopback_port()
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -47,19 +48,7 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", str(self._workdir),
         ]  # fmt: skip
-        with (self._workdir / "redis.log").open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RedisServerError(f"redis-server exited with {self._proc.returncode}")
-            if self.ping():
-                return
-            time.sleep(0.02)
-        raise RedisServerError(f"redis-server did not answer within {START_TIMEOUT_S} s")
+        self._launch(argv, self.ping, START_TIMEOUT_S, poll_s=0.02)
 
     def ping(self) -> bool:
         try:
@@ -77,23 +66,6 @@ class RedisServer:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """`sig` to the server this object started (SIGKILL after 10 s), and wait for it."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def pause(self) -> None:
         assert self._proc is not None

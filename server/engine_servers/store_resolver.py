@@ -26,8 +26,8 @@ from typing import Any
 
 from adapters.blob_check import verify_blob_dir
 from adapters.errors import AdapterError, AdapterNotFoundError
-from adapters.store import AdapterStore, LocalAdapterStore
-from adapters.store_url import FileLocation, parse_store_url
+from adapters.store import AdapterStore
+from adapters.store_url import open_blob_store, parse_store_url
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,18 +38,12 @@ ENGINE_ADAPTER = re.compile(r"lg-([0-9a-f]{64})")
 
 
 def open_engine_store(settings: Settings) -> AdapterStore:
-    """The store the settings name, for reading blobs only (no registry: an engine never reads
-    or writes records, and its credentials need not allow it)."""
-    location = parse_store_url(settings.store_location)
-    if isinstance(location, FileLocation):
-        return LocalAdapterStore(location.root)
-    from adapters.s3_store import DEFAULT_CACHE_BYTES, S3AdapterStore, s3_client
-
-    return S3AdapterStore(
-        s3_client(), location.bucket, location.prefix,
+    """The store the settings name, for reading blobs only."""
+    return open_blob_store(
+        parse_store_url(settings.store_location),
         cache_dir=settings.cache_dir / "engine-adapters",
-        max_blob_bytes=settings.adapters.max_upload_bytes, max_cache_bytes=DEFAULT_CACHE_BYTES,
-    )  # fmt: skip
+        max_blob_bytes=settings.adapters.max_upload_bytes,
+    )
 
 
 class StoreAdapterFetcher:

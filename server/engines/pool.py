@@ -112,7 +112,12 @@ class EnginePool:
 
     @property
     def ready(self) -> bool:
-        return any(m.monitor.ready for m in self._members.values())
+        return self.ready_except(())
+
+    def ready_except(self, names: Iterable[str]) -> bool:
+        """Whether an engine not named in `names` can serve now."""
+        excluded = set(names)
+        return any(m.monitor.ready and m.name not in excluded for m in self._members.values())
 
     @property
     def discovers(self) -> bool:

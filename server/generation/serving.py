@@ -273,7 +273,7 @@ class GenerationService:
             except EngineUnavailableError:
                 await attempt.aclose()
                 tried.append(member.name)
-                if len(tried) >= ENGINE_ATTEMPTS or not self._another_ready(tried):
+                if len(tried) >= ENGINE_ATTEMPTS or not self._pool.ready_except(tried):
                     raise
                 self._metrics.engine_retries.labels(member.name).inc()
                 continue
@@ -282,9 +282,6 @@ class GenerationService:
                 raise
             stack.push_async_callback(attempt.aclose)
             return result, member
-
-    def _another_ready(self, tried: list[str]) -> bool:
-        return any(m.monitor.ready and m.name not in tried for m in self._pool.members)
 
     def _relay(
         self,
