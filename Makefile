@@ -12,7 +12,7 @@ DEV_TENANTS := deploy/dev/tenants.dev.yaml
 # Debian's redis-server, for the tests (they start their own, on free ports).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install model redis-server prometheus serve test test-fast lint bench clean
+.PHONY: install model redis-server prometheus docker serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -43,8 +43,14 @@ prometheus:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# Debian's docker.io and debootstrap, for tests/docker (they start their own dockerd and make
+# their own base image; no registry is reachable).
+docker:
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; }
+
 # The linters are part of the gate: a lint failure fails `make test` (and CI) before any test runs.
-test: lint model redis-server prometheus
+test: lint model redis-server prometheus docker
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install redis-server prometheus

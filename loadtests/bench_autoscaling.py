@@ -14,8 +14,9 @@ that take a minute or more to start.
   one), then the rate limits (each policy allows a change relative to the replicas at the start
   of its `periodSeconds`, from the scale events in it; `selectPolicy` Max takes the policy
   allowing the largest change, Min the smallest), clamped to min/max replicas.
-- The metrics are the shipped ones: `loragate_engine_queue_depth` (requests waiting in the
-  gateway for an engine slot) and `loragate_engine_requests_running`, both summed. Prometheus
+- The metrics are the shipped ones: `loragate_engine_requests_waiting` (requests waiting in the
+  gateway for an engine slot; the model's engines queue nothing of their own, the gateway's
+  admission holds them back) and `loragate_engine_requests_running`, both summed. Prometheus
   scrapes every `--scrape-s`; the HPA reads the latest scrape at least `--metric-lag-s` old
   (adapter query, scrape duration): with the defaults it acts on what was true 14 s before.
 - Pods: a new engine serves `--start-s` after the HPA asks for it (45 s; 180 s or more for a
@@ -63,7 +64,7 @@ from server.engine_servers.capacity import Capacity
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_HPA = ROOT / "deploy/k8s/components/hpa/engine-hpa.yaml"
-QUEUE_METRIC = "loragate_engine_queue_depth"
+QUEUE_METRIC = "loragate_engine_requests_waiting"
 RUNNING_METRIC = "loragate_engine_requests_running"
 # Prompt and output lengths, in tokens, and how often each comes: bench_routing.py's.
 PROMPT_TOKENS = ((64, 0.3), (256, 0.3), (512, 0.25), (1024, 0.15))

@@ -188,6 +188,15 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.engine_reported = Gauge(
+            "loragate_engine_reported_requests",
+            "The engine's own count of requests it is running or holding in its queue, from "
+            "every gateway (state: running, waiting), read every LORAGATE_ENGINE__LOAD_POLL_S; "
+            "absent while the engine is down. Every replica reports the same engine: take the max "
+            "over replicas, never the sum.",
+            ["engine", "state"],
+            registry=r,
+        )
         self.engine_requests = Counter(
             "loragate_engine_requests_total",
             "Requests sent to an engine (each attempt of one retried on another counts).",
@@ -217,7 +226,7 @@ class Metrics:
         return [
             self.engine_up, self.engine_restarts, self.adapter_loads, self.adapter_unloads,
             self.adapter_load_seconds, self.adapters_loaded, self.engine_queue_depth,
-            self.engine_running, self.engine_requests, self.engine_retries,
+            self.engine_running, self.engine_reported, self.engine_requests, self.engine_retries,
             self.admission_rejections,
         ]  # fmt: skip
 

@@ -84,6 +84,9 @@ class EngineSettings(BaseModel):
     # How often a ready engine's model list is read again: which adapters it holds, including
     # those other gateway replicas loaded or unloaded there.
     models_refresh_s: float = Field(15, ge=1, le=3600)
+    # How often a ready engine's /metrics is read for its own running and waiting counts
+    # (loragate_engine_reported_requests, part of the autoscalers' queue signal).
+    load_poll_s: float = Field(5, ge=1, le=3600)
     request_timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(2, gt=0)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from server.engines.adapter_slots import ENGINE_NAME_PREFIX, AdapterSlots
 from server.engines.admission import EngineAdmission
-from server.engines.base import Engine, EngineStream, GenerationKind, ServedModel
+from server.engines.base import Engine, EngineLoad, EngineStream, GenerationKind, ServedModel
 from server.engines.monitor import EngineMonitor
 from server.engines.pool import EngineMember, adapters_listed
 from server.errors import EngineError, EngineUnavailableError, ModelNotFoundError
@@ -52,6 +52,8 @@ class FakeEngine:
     adapters: dict[str, str | None] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     closed: bool = False
+    # What `load()` reports (the engine's own running/waiting counts); None: it reports none.
+    reported_load: EngineLoad | None = None
 
     @property
     def loaded(self) -> set[str]:
@@ -75,6 +77,9 @@ class FakeEngine:
         self._check_reachable()
         base = ServedModel(self.model, self.max_model_len)
         return [base, *(ServedModel(name, parent=self.model) for name in self.adapters)]
+
+    async def load(self) -> EngineLoad | None:
+        return self.reported_load if self.reachable else None
 
     def _start(self, kind: str, body: dict[str, Any]) -> str:
         self._check_reachable()

@@ -34,6 +34,15 @@ class ServedModel:
     parent: str | None = None
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine itself reports it is running and holding in its own queue (vLLM's
+    `num_requests_running` / `num_requests_waiting`), over every gateway that sends to it."""
+
+    running: float
+    waiting: float
+
+
 class EngineStream(Protocol):
     """An open streaming response: raw SSE bytes as the engine sends them."""
 
@@ -48,6 +57,10 @@ class Engine(Protocol):
     async def served_models(self) -> list[ServedModel]:
         """What the engine serves now, base models and loaded adapters; raises an
         `EngineUnavailableError` or `EngineError` when the list cannot be read."""
+        ...
+
+    async def load(self) -> EngineLoad | None:
+        """The engine's own report of its load; None when it reports none that can be read."""
         ...
 
     async def generate(self, kind: GenerationKind, body: dict[str, Any]) -> dict[str, Any]: ...

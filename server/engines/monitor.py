@@ -8,7 +8,9 @@ our context length. Readiness is cleared at once when a request finds the engine
 the local engine process exits. A dead local engine is restarted, or the gateway is told to exit
 non-zero after a grace period of answering 503. `on_down` hears of every time the engine is seen
 down, `on_models` of every model list read (when it comes up, then every `models_refresh_s`):
-the pool keeps the engine's adapter slots in step with them.
+the pool keeps the engine's adapter slots in step with them. While the engine is ready its own
+report of its load is read every `load_poll_s` into loragate_engine_reported_requests, and
+dropped when it is seen down (a dead engine's queue is no signal).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class EngineMonitor:
         self._up.set(1 if reason is None else 0)
 
     def _seen_down(self, reason: NotReady) -> None:
+        self._forget_load()
         self._epoch += 1
         self._models_checked = False
         self._set_reason(reason)
@@ -174,6 +177,7 @@ class EngineMonitor:
         interval = self._settings.health_interval_s
         since_check = interval
         since_models = 0.0
+        since_load = self._settings.load_poll_s
         while True:
             if self._process is not None and (code := self._process.returncode()) is not None:
                 await self._on_engine_exit(code)
@@ -186,9 +190,13 @@ class EngineMonitor:
             if since_models >= self._settings.models_refresh_s:
                 await self.refresh_models()
                 since_models = 0.0
+            if since_load >= self._settings.load_poll_s:
+                await self.read_load()
+                since_load = 0.0
             await asyncio.sleep(0.25)  # process exit is noticed within this
             since_check += 0.25
             since_models += 0.25
+            since_load += 0.25
 
     async def refresh_models(self) -> None:
         """Read a ready engine's model list again for `on_models`: which of our adapters it holds
@@ -203,6 +211,24 @@ class EngineMonitor:
             return
         if epoch == self._epoch and self.ready:
             self._on_models(served)
+
+    async def read_load(self) -> None:
+        """Export a ready engine's own running and waiting counts; a report that cannot be read
+        drops them rather than leave a stale value for the autoscaler."""
+        if not self.ready:
+            return
+        epoch = self._epoch
+        load = await self._engine.load()
+        if epoch != self._epoch or not self.ready:
+            return  # seen down meanwhile: its series were dropped and stay so
+        if load is None:
+            self._forget_load()
+            return
+        self._metrics.engine_reported.labels(self.name, "running").set(load.running)
+        self._metrics.engine_reported.labels(self.name, "waiting").set(load.waiting)
+
+    def _forget_load(self) -> None:
+        self._metrics.engine_reported.remove_by_labels({"engine": self.name})
 
     async def _on_engine_exit(self, code: int) -> None:
         assert self._process is not None

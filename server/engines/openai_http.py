@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from server.engines.base import EngineStream, GenerationKind, ServedModel, printable
+from server.engines.base import EngineLoad, EngineStream, GenerationKind, ServedModel, printable
 from server.errors import (
     ContextLengthError,
     EngineError,
@@ -36,6 +37,11 @@ MAX_ERROR_MESSAGE_CHARS = 500
 MAX_MODEL_LIST_BYTES = 1 << 20
 HEALTH_TIMEOUT_S = 5.0
 MODEL_LIST_TIMEOUT_S = 5.0
+MAX_METRICS_BYTES = 4 << 20
+METRICS_TIMEOUT_S = 5.0
+# vLLM's gauges of its own scheduler, one sample per model it serves.
+RUNNING_METRIC = "vllm:num_requests_running"
+WAITING_METRIC = "vllm:num_requests_waiting"
 
 # What an engine's message may say that a caller must not see: the engine-side names of adapters
 # (`lg-<digest>`: whose adapter it is, and that it is loaded) and local paths (the store's layout).
@@ -121,6 +127,21 @@ def parse_model_list(content: bytes) -> list[ServedModel]:
     return models
 
 
+def parse_engine_load(text: str) -> EngineLoad | None:
+    """vLLM's scheduler gauges from its /metrics exposition, summed over its models; None when
+    the text is not an exposition or lacks them (another engine kind, another vLLM version)."""
+    totals: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name in (RUNNING_METRIC, WAITING_METRIC):
+                totals[family.name] = sum(sample.value for sample in family.samples)
+    except (ValueError, TypeError, IndexError):
+        return None
+    if len(totals) != 2 or any(v != v or v < 0 for v in totals.values()):  # v != v: NaN
+        return None
+    return EngineLoad(running=totals[RUNNING_METRIC], waiting=totals[WAITING_METRIC])
+
+
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in response.content.iter_any():
@@ -200,6 +221,17 @@ class OpenAIHttpEngine:
         if status != 200:
             raise EngineError(f"the engine's model list answered {status}")
         return parse_model_list(content)
+
+    async def load(self) -> EngineLoad | None:
+        timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT_S)
+        try:
+            async with self._client().get(self._base_url + "/metrics", timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+                content = await _read_bounded(r, MAX_METRICS_BYTES)
+        except (aiohttp.ClientError, TimeoutError, EngineError):
+            return None
+        return parse_engine_load(content.decode("utf-8", errors="replace"))
 
     async def generate(self, kind: GenerationKind, body: dict[str, Any]) -> dict[str, Any]:
         status, content = await self._post(PATHS[kind], body)

@@ -104,6 +104,8 @@ def gateway(tmp_path: Path, redis: RedisServer) -> Iterator[Gateway]:
         LORAGATE_ADMISSION__MAX_RUNNING="1",
         LORAGATE_ADMISSION__MAX_QUEUED="1",
         LORAGATE_ENGINE__EXTRA_ARGS='["--ttft-ms", "200"]',
+        # The engine's own running/waiting counts, read often enough for a short test.
+        LORAGATE_ENGINE__LOAD_POLL_S="1",
     )
     # globex may send one request a minute: its second is refused (429).
     write_tenants_file(tmp_path / "tenants.yaml", {"globex": {"requests_per_minute": 1}})
@@ -214,9 +216,11 @@ def send_traffic(gateway: Gateway, round_: int) -> None:
         gateway.redis.resume()
 
 
-def hpa_queries() -> list[tuple[str, str]]:
-    """(seriesQuery, metricsQuery rendered as prometheus-adapter does for an External metric
-    of an HPA in NAMESPACE) of every prometheus-adapter rule under deploy/k8s/components."""
+def hpa_queries() -> list[tuple[str, str, dict[str, str]]]:
+    """(seriesQuery, metricsQuery rendered as prometheus-adapter renders it for an HPA in
+    NAMESPACE, the labels of the one sample it must answer) of every prometheus-adapter rule
+    under deploy/k8s/components: External rules (`externalRules`) are asked per namespace, Pods
+    rules (`rules`) per pod, for the pods the HPA targets."""
     queries = []
     for path in sorted(COMPONENTS.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -226,16 +230,24 @@ def hpa_queries() -> list[tuple[str, str]]:
                 config = yaml.safe_load(text)
                 if not isinstance(config, dict):
                     continue
-                for rule in config.get("externalRules", []) + config.get("rules", []):
-                    series = rule["seriesQuery"].strip("'")
-                    name = series.split("{", 1)[0]
-                    rendered = (
-                        rule["metricsQuery"]
-                        .replace("<<.Series>>", name)
-                        .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}"')
-                        .replace("<<.GroupBy>>", "namespace")
-                    )
-                    queries.append((series, rendered))
+                kinds = [
+                    (config.get("externalRules", []), f'namespace="{NAMESPACE}"', "namespace"),
+                    (config.get("rules", []), f'namespace="{NAMESPACE}",pod=~"{POD}"', "pod"),
+                ]
+                for rules_of_kind, matchers, group_by in kinds:
+                    for rule in rules_of_kind:
+                        series = rule["seriesQuery"].strip("'")
+                        name = series.split("{", 1)[0]
+                        rendered = (
+                            rule["metricsQuery"]
+                            .replace("<<.Series>>", name)
+                            .replace("<<.LabelMatchers>>", matchers)
+                            .replace("<<.GroupBy>>", group_by)
+                        )
+                        expected = {"namespace": NAMESPACE} if group_by == "namespace" else {}
+                        if group_by == "pod":
+                            expected = {"pod": POD}
+                        queries.append((series, rendered, expected))
     return queries
 
 
@@ -308,7 +320,7 @@ def test_shipped_queries_return_data(
     recorded = [
         f'{rule["record"]}{{namespace="{NAMESPACE}"}}' for rule in rules() if "record" in rule
     ]
-    queries = [metrics_query for _, metrics_query in hpa] + keda + dashboard + recorded
+    queries = [metrics_query for _, metrics_query, _ in hpa] + keda + dashboard + recorded
     results = wait_for_data(prometheus, list(dict.fromkeys(queries)))
 
     # The numbers are numbers: each query's rates moved, its ratios have a denominator (one
@@ -319,11 +331,11 @@ def test_shipped_queries_return_data(
 
     # prometheus-adapter: its seriesQuery finds series with the namespace label it maps to the
     # HPA's namespace; its metricsQuery answers one sample for that namespace.
-    for series_query, metrics_query in hpa:
+    for series_query, metrics_query, labels in hpa:
         series = prometheus.api("series", **{"match[]": series_query})
         assert series and all(s.get("namespace") == NAMESPACE for s in series), series
         [sample] = results[metrics_query]
-        assert sample["metric"] == {"namespace": NAMESPACE}, (metrics_query, sample)
+        assert sample["metric"] == labels, (metrics_query, sample)
     # KEDA: one sample, whatever its labels (more than one is an error to its scaler).
     for query in keda:
         assert len(results[query]) == 1, (query, results[query])
@@ -343,7 +355,7 @@ def test_shipped_queries_return_data(
         httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).text
     )
     everything = queries + alerts + [rule["expr"] for rule in rules() if "record" in rule]
-    everything += [series_query for series_query, _ in hpa]
+    everything += [series_query for series_query, _, _ in hpa]
     named = {name for query in everything for name in METRIC_NAME.findall(query)}
     assert named, "no metric names found in the queries"
     assert named <= exported, f"not exported by the gateway: {sorted(named - exported)}"

@@ -192,6 +192,9 @@ class StubEngine:
     async def health(self) -> bool:
         return True
 
+    async def load(self) -> None:
+        return None
+
     async def served_models(self) -> list[ServedModel]:
         self.model_list_calls += 1
         self.asked.set()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import httpx
 import openai
 import pytest
@@ -103,3 +106,24 @@ def test_metrics_show_requests_and_engine_up(vllm_gateway: ServeProcess) -> None
     assert 'loragate_requests_total{route="/v1/models",status="200"}' in text
     assert 'loragate_engine_up{engine="local"} 1.0' in text
     assert httpx.get(f"{vllm_gateway.url}/metrics").status_code == 404  # not on the public port
+
+
+def test_metrics_carry_the_vllm_engines_own_running_and_waiting_counts(
+    vllm_gateway: ServeProcess,
+) -> None:
+    # The engine's own queue, part of the autoscalers' signal: read from vLLM's /metrics (behind
+    # the engine key) every LORAGATE_ENGINE__LOAD_POLL_S (5 s).
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(vllm_gateway.metrics_url).text
+        states = {
+            state: float(value)
+            for state, value in re.findall(
+                r'loragate_engine_reported_requests\{engine="local",state="(\w+)"\} (\S+)', text
+            )
+        }
+        if states or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(states) == {"running", "waiting"}, text
+    assert all(value >= 0 for value in states.values())

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from server.metrics import Metrics
-from server.settings import Settings
+from server.settings import ServerSettings, Settings
 from tests.k8s_tools import find_kubectl, kustomize
 
 Obj = dict[str, Any]
@@ -445,10 +445,16 @@ def metric_named(query: str) -> str:
     return str(found[0])
 
 
-def test_engine_autoscaling_follows_the_gateway_queue(render: list[Obj]) -> None:
+def test_engine_autoscaling_follows_what_waits_for_engines(render: list[Obj]) -> None:
     exported = {m.name for m in Metrics().registry.collect()}
-    queue = {"loragate_engine_queue_depth", "loragate_engine_requests_running"}
-    assert queue <= exported
+    # What waits in the gateways, what waits in the engines (their own report), what runs.
+    sources = {
+        "loragate_engine_queue_depth",
+        "loragate_engine_reported_requests",
+        "loragate_engine_requests_running",
+    }
+    assert sources <= exported
+    scaled_on = {"loragate_engine_requests_waiting", "loragate_engine_requests_running"}
     for hpa in of_kind(render, "HorizontalPodAutoscaler"):
         behavior = hpa["spec"]["behavior"]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
@@ -456,23 +462,53 @@ def test_engine_autoscaling_follows_the_gateway_queue(render: list[Obj]) -> None
         if hpa["spec"]["scaleTargetRef"]["name"] != "loragate-engine":
             continue
         names = {m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
-        assert names == queue
+        assert names == scaled_on
         rules = yaml.safe_load(
             config_map_data(render, "loragate-prometheus-adapter-rules")["config.yaml"]
         )
         served = {r["name"]["as"] for r in rules["externalRules"]}
         assert names <= served
+        used = set()
         for rule in rules["externalRules"]:
             assert metric_named(rule["seriesQuery"]) in exported
+            used.add(metric_named(rule["seriesQuery"]))  # what <<.Series>> stands for
+            used |= set(re.findall(r"loragate_\w+", rule["metricsQuery"]))
+        assert used == sources
     for scaled in of_kind(render, "ScaledObject"):
         if scaled["spec"]["scaleTargetRef"]["name"] != "loragate-engine":
             continue
         behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
         queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
-        assert {metric_named(q) for q in queries} == queue
+        assert {m for q in queries for m in re.findall(r"loragate_\w+", q)} == sources
         for q in queries:
             assert f'namespace="{scaled["metadata"]["namespace"]}"' in q
+
+
+def test_gateways_scale_on_cpu_and_on_the_requests_they_serve(render: list[Obj]) -> None:
+    exported = {m.name for m in Metrics().registry.collect()}
+    for hpa in of_kind(render, "HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"]["name"] != "loragate-gateway":
+            continue
+        metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+        assert metrics["Resource"]["resource"]["name"] == "cpu"
+        pods_metric = metrics["Pods"]["pods"]["metric"]["name"]
+        assert pods_metric == "loragate_requests_in_flight" and pods_metric in exported
+        rules = yaml.safe_load(
+            config_map_data(render, "loragate-prometheus-adapter-rules")["config.yaml"]
+        )
+        [rule] = [r for r in rules["rules"] if r["name"]["as"] == pods_metric]
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        assert ServerSettings().max_connections >= 4 * int(
+            metrics["Pods"]["pods"]["target"]["averageValue"]
+        )
+    for scaled in of_kind(render, "ScaledObject"):
+        if scaled["spec"]["scaleTargetRef"]["name"] != "loragate-gateway":
+            continue
+        kinds = {t["type"] for t in scaled["spec"]["triggers"]}
+        assert kinds == {"cpu", "prometheus"}
+        [query] = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] != "cpu"]
+        assert metric_named(query) == "loragate_requests_in_flight"
 
 
 def test_shutdown_outlasts_the_drain(render: list[Obj]) -> None:

@@ -183,6 +183,7 @@ def test_dashboard_is_importable() -> None:
         "loragate_generation_tokens_total",
         "loragate_cache_requests_total",
         "loragate_engine_queue_depth",
+        "loragate_engine_reported_requests",
         "loragate_engine_requests_running",
         "loragate_adapter_loads_total",
         "loragate_adapter_unloads_total",
