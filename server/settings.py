@@ -65,7 +65,9 @@ class EngineSettings(BaseModel):
     kind: Literal["vllm", "fake"] = "vllm"
     # Private loopback port of the local engine; 0 picks a free one.
     port: int = Field(0, ge=0, le=65535)
-    dtype: str = "float32"  # ~4x faster than bf16 on CPUs without AVX512-BF16
+    # `auto`: on vLLM's CPU build bf16 where the CPU has AVX512-BF16 or AMX, else fp32 (bf16 is
+    # ~1.8x faster with them, ~4x slower without); elsewhere vLLM's own choice.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # On the CPU build this is the host-memory fraction; vLLM's default is refused on 8 GiB nodes.
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     # KV cache size in GiB (vLLM --kv-cache-memory-bytes); 0 lets vLLM size it from

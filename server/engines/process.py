@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from server.engine_servers.engine_guard import API_KEY_ENV
+from server.engines.dtype import resolve_dtype
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def vllm_argv(settings: Settings, port: int, host: str = "127.0.0.1") -> list[st
         "--host", host,
         "--port", str(port),
         "--max-model-len", str(settings.model.max_model_len),
-        "--dtype", e.dtype,
+        "--dtype", resolve_dtype(e.dtype),
         "--gpu-memory-utilization", str(e.gpu_memory_utilization),
         "--enable-lora",
         "--max-lora-rank", str(e.max_lora_rank),

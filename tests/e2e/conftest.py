@@ -142,6 +142,9 @@ def start_serve(
         "LORAGATE_CACHE_DIR": str(tmp / "cache"),
         "LORAGATE_MODEL__PATH": str(default_model_path()),
         "LORAGATE_ENGINE__API_KEY": ENGINE_KEY,
+        # fp32, not the CPU's `auto` choice: answers are compared token for token with
+        # transformers+PEFT in fp32.
+        "LORAGATE_ENGINE__DTYPE": "float32",
         **({"LORAGATE_ENGINE__PORT": str(engine_port)} if engine_port else {}),
         **(env or {}),
     }

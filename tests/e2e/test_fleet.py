@@ -139,6 +139,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
         "LORAGATE_STORE_URL": f"s3://{bucket}/fleet",
         "LORAGATE_ENGINE__API_KEY": ENGINE_KEY,
         "LORAGATE_MODEL__PATH": str(default_model_path()),
+        "LORAGATE_ENGINE__DTYPE": "float32",  # compared with transformers+PEFT in fp32
     }
     engines: list[EngineProc] = []
     gateways: list[ServeProcess] = []
