@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import json
@@ -27,7 +28,7 @@ from adapters.errors import (
 )
 from adapters.record_cache import RecordCache, Signature, next_mtime_ns, signature
 from adapters.store import DIGEST, checked_digest, fsync_dir
-from adapters.types import ADAPTER_NAME, AdapterRecord
+from adapters.types import ADAPTER_NAME, AdapterRecord, MergedCopy
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,15 @@ class AdapterRegistry(Protocol):
         """The removed record; AdapterNotFoundError if there was none."""
         ...
 
+    def set_merged(
+        self, tenant: str, name: str, digest: str, merged: tuple[MergedCopy, ...]
+    ) -> AdapterRecord:
+        """Record the merged copies of the version `digest` of `name`, the updated record.
+        AdapterNotFoundError when the name is absent, AdapterConflictError (code
+        `adapter_changed`) when it now holds another version: the copies were built from the
+        one that was read, and must never be attached to another."""
+        ...
+
     def referenced_digests(self) -> set[str]:
         """Digests some record points at: the store may garbage-collect all others."""
         ...
@@ -84,6 +94,21 @@ class AdapterRegistry(Protocol):
     def generation(self) -> int:
         """Changes on every put or delete, also by other processes: compare it for inequality."""
         ...
+
+
+def merged_onto(
+    existing: AdapterRecord | None, name: str, digest: str, merged: tuple[MergedCopy, ...]
+) -> AdapterRecord:
+    """`existing` with `merged` as its merged copies, if it still is version `digest`."""
+    if existing is None:
+        raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
+    if existing.digest != digest:
+        raise AdapterConflictError(
+            f"adapter {name!r} was replaced meanwhile; promote the new version",
+            code="adapter_changed",
+            param="name",
+        )
+    return dataclasses.replace(existing, merged=merged)
 
 
 def _checked_tenant(tenant: str) -> str:
@@ -223,6 +248,27 @@ class LocalAdapterRegistry:
         self._cache.drop(self._path(record.tenant, record.name))
         self._bump_generation()
         return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
+
+    def set_merged(
+        self, tenant: str, name: str, digest: str, merged: tuple[MergedCopy, ...]
+    ) -> AdapterRecord:
+        tenant_dir = self._root / _checked_tenant(tenant)
+        _checked_name(name)
+        try:
+            if not tenant_dir.is_dir():
+                raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
+            with _flocked(tenant_dir / LOCK_FILE):  # the invariant is stated in `put`
+                self._sweep_partial(tenant_dir)
+                existing, existing_sig = self._read(tenant_dir, name)
+                updated = merged_onto(existing, name, digest, merged)
+                data = json.dumps(updated.to_json(), indent=2, sort_keys=True).encode()
+                mtime_ns = next_mtime_ns(existing_sig, time.time_ns())
+                _write_atomic(tenant_dir, name + _RECORD_SUFFIX, data, mtime_ns)
+                self._cache.drop(self._path(tenant, name))
+                self._bump_generation()
+                return updated
+        except OSError as exc:
+            raise _io_error(f"save adapter {name!r}", exc) from exc
 
     def delete(self, tenant: str, name: str) -> AdapterRecord:
         tenant_dir = self._root / _checked_tenant(tenant)

@@ -29,10 +29,11 @@ from adapters.registry import (
     PutResult,
     _checked_name,
     _checked_tenant,
+    merged_onto,
 )
 from adapters.s3_store import S3_ERRORS, error_code, is_missing, join_key, s3_error
 from adapters.store import DIGEST, checked_digest
-from adapters.types import ADAPTER_NAME, AdapterRecord
+from adapters.types import ADAPTER_NAME, AdapterRecord, MergedCopy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -208,6 +209,29 @@ class S3AdapterRegistry:
         except S3_ERRORS as exc:
             raise s3_error(f"save adapter {record.name!r}", exc) from exc
         raise AdapterStoreError(f"adapter {record.name!r} kept changing during the save; retry")
+
+    def set_merged(
+        self, tenant: str, name: str, digest: str, merged: tuple[MergedCopy, ...]
+    ) -> AdapterRecord:
+        _checked_tenant(tenant)
+        _checked_name(name)
+        key = self._key(tenant, name)
+        try:
+            for attempt in range(_RECORD_ATTEMPTS):
+                existing, etag = self._read(tenant, name)
+                updated = merged_onto(existing, name, digest, merged)
+                data = json.dumps(updated.to_json(), indent=2, sort_keys=True).encode()
+                try:
+                    new_etag = self._write(key, data, etag)
+                except _LostRace:
+                    _backoff(attempt)
+                    continue
+                self._cache.store(key, new_etag, updated)
+                self._bump_generation()
+                return updated
+        except S3_ERRORS as exc:
+            raise s3_error(f"save adapter {name!r}", exc) from exc
+        raise AdapterStoreError(f"adapter {name!r} kept changing during the save; retry")
 
     def delete(self, tenant: str, name: str) -> AdapterRecord:
         _checked_tenant(tenant)

@@ -66,9 +66,30 @@ class AdapterInfo:
     size_bytes: int  # both files together
 
 
+FULL_PRECISION = "none"  # the scheme of a merged copy stored unquantized
+
+
+@dataclass(frozen=True)
+class MergedCopy:
+    """A merged model built from one adapter version: the base it was merged into and how it was
+    stored, and its key in the store (`server.merging.build.merge_key` of the three)."""
+
+    key: str
+    base_revision: str
+    scheme: str  # "none": full precision; else the quantization scheme applied after merging
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "base_revision": self.base_revision, "scheme": self.scheme}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergedCopy:
+        return cls(str(data["key"]), str(data["base_revision"]), str(data["scheme"]))
+
+
 @dataclass(frozen=True)
 class AdapterRecord:
-    """One named version of a tenant's adapter, as the registry holds it."""
+    """One named version of a tenant's adapter, as the registry holds it. `merged` lists the
+    merged copies an operator promoted it to; a new version (another digest) starts with none."""
 
     tenant: str
     name: str
@@ -78,9 +99,18 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     size_bytes: int
     created_at: str  # ISO 8601, UTC
+    merged: tuple[MergedCopy, ...] = ()
+
+    def merged_copy(self, base_revision: str, scheme: str = FULL_PRECISION) -> MergedCopy | None:
+        """Its copy merged into the base at `base_revision` and stored as `scheme`, if any."""
+        for copy in self.merged:
+            if copy.base_revision == base_revision and copy.scheme == scheme:
+                return copy
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "merged": [copy.to_json() for copy in self.merged],
             "tenant": self.tenant,
             "name": self.name,
             "digest": self.digest,
@@ -102,4 +132,6 @@ class AdapterRecord:
             target_modules=tuple(str(m) for m in data["target_modules"]),
             size_bytes=int(data["size_bytes"]),
             created_at=str(data["created_at"]),
+            # Absent in records written before promotion existed.
+            merged=tuple(MergedCopy.from_json(m) for m in data.get("merged", [])),
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from adapters.merged_store import open_merged_artifacts
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from adapters.store_url import open_store, parse_store_url
@@ -47,6 +48,7 @@ from server.generation.serving import GenerationService
 from server.generation.token_count import TokenCounter
 from server.limits.backends import RedisLimits
 from server.limits.tenant_limits import TenantLimiter
+from server.merging.promotion import PromotionService
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from server.openapi import install_openapi
@@ -180,7 +182,16 @@ def create_app(
             sweeper = asyncio.create_task(
                 admin.run_sweeps(settings.adapters.sweep_interval_s), name="adapter-sweeper"
             )
-            app.state.services = Services(tenants, generation, admin, pool, metrics)
+            promotion = PromotionService(
+                registry, store,
+                open_merged_artifacts(
+                    parse_store_url(settings.store_location),
+                    cache_dir=settings.cache_dir / "store-cache",
+                ),
+                settings.model_path, base_revision(settings), settings.store_path / "merges",
+                timeout_s=settings.adapters.merge_timeout_s,
+            )  # fmt: skip
+            app.state.services = Services(tenants, generation, admin, pool, metrics, promotion)
             yield
         finally:
             for task in [sweeper, *keepers]:

@@ -156,9 +156,19 @@ def engine_command(
     restart: Annotated[
         bool | None, typer.Option("--restart", help="Restart the engine if it dies.")
     ] = None,
+    merged: Annotated[
+        str | None,
+        typer.Option(
+            "--merged",
+            metavar="TENANT/NAME",
+            help="Serve this adapter merged into the base (after `loragate adapters merge`), "
+            "not the base with hot-swapped adapters.",
+        ),
+    ] = None,
 ) -> None:
     """Run one engine of a pool (what an engine pod runs): vLLM with every adapter of the store
-    (LORAGATE_STORE_URL) loadable by digest, behind LORAGATE_ENGINE__API_KEY."""
+    (LORAGATE_STORE_URL) loadable by digest, or with --merged one adapter's merged copy, behind
+    LORAGATE_ENGINE__API_KEY."""
     # Imported here: `loragate model prepare` does not pay for it.
     from server.engine_servers.engine_command import run_engine
     from server.engines.process import EngineStartError
@@ -166,7 +176,7 @@ def engine_command(
     settings = load_settings(engine={"restart": restart} if restart is not None else {})
     configure_logging(settings.log_level)
     try:
-        code = run_engine(settings, host, port)
+        code = run_engine(settings, host, port, merged)
     except EngineStartError as e:
         err.print(f"[red]cannot start:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e

@@ -171,6 +171,13 @@ def field_text(key: str, value: Any) -> str:
         return ", ".join(str(m) for m in value)
     if key == "size_bytes" and isinstance(value, int):
         return f"{decimal(value)} ({value:,} bytes)"
+    if key == "merged" and isinstance(value, list):
+        copies = [
+            f"{short_digest(c.get('key'))} ({c.get('scheme')}, base {c.get('base_revision')})"
+            for c in value
+            if isinstance(c, dict)
+        ]
+        return ", ".join(copies) or "no (hot-swapped only)"
     return str(value)
 
 
@@ -359,3 +366,42 @@ def rm(
         record = as_record(ok_json(client.delete(adapter_path(tenant, name))))
     digest = short_digest(record.get("digest", ""))
     out.print(f"deleted {escape(tenant)}/{escape(name)} (digest {escape(digest)})")
+
+
+# A merge runs on the gateway for as long as the merge takes (LORAGATE_ADAPTERS__MERGE_TIMEOUT_S).
+MERGE_TIMEOUT_S = 960.0
+
+
+@adapters_app.command("merge")
+def merge(
+    name: NameArgument,
+    tenant: TenantOption,
+    admin_key: AdminKeyOption,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Promote an adapter: merge its current version into the base model and store it, for
+    `loragate engine --merged TENANT/NAME` to serve with no LoRA cost. Requests for it go to
+    such an engine while one is up, hot-swapped otherwise."""
+    with (
+        admin_api(url, admin_key) as client,
+        err.status(f"merging {escape(tenant)}/{escape(name)}"),
+    ):
+        response = client.post(adapter_path(tenant, name) + "/merge", timeout=MERGE_TIMEOUT_S)
+        record = as_record(ok_json(response))
+    copies = record.get("merged") or []
+    keys = ", ".join(short_digest(str(c.get("key", ""))) for c in copies if isinstance(c, dict))
+    out.print(f"merged {escape(tenant)}/{escape(name)}: {escape(keys)}")
+    out.print(f"serve it with: loragate engine --merged {escape(tenant)}/{escape(name)}")
+
+
+@adapters_app.command("demote")
+def demote(
+    name: NameArgument,
+    tenant: TenantOption,
+    admin_key: AdminKeyOption,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Undo a promotion: the adapter is hot-swapped only, from the next request on."""
+    with admin_api(url, admin_key) as client:
+        ok_json(client.delete(adapter_path(tenant, name) + "/merge"))
+    out.print(f"demoted {escape(tenant)}/{escape(name)}: hot-swapped only")

@@ -24,6 +24,7 @@ from server.errors import (
     validation_error,
 )
 from server.generation.serving import GenerationService
+from server.merging.promotion import PromotionService
 from server.metrics import Metrics
 from server.tenants import Principal, Tenant, TenantDirectory
 
@@ -39,6 +40,7 @@ class Services:
     admin: AdapterAdminService
     pool: EnginePool
     metrics: Metrics
+    promotion: PromotionService
 
 
 async def get_services(request: Request) -> Services:

@@ -103,6 +103,12 @@ class CompletionChunk(_Loose):
     usage: Usage | None = None
 
 
+class MergedCopy(BaseModel):
+    key: str  # sha256 hex over (adapter digest, base revision, scheme): its name in the store
+    base_revision: str
+    scheme: str  # "none": full precision
+
+
 class AdapterRecord(BaseModel):
     tenant: str
     name: str
@@ -112,6 +118,7 @@ class AdapterRecord(BaseModel):
     target_modules: list[str]
     size_bytes: int
     created_at: str  # ISO 8601, UTC
+    merged: list[MergedCopy]  # the merged copies it was promoted to (`adapters merge`)
 
 
 class EngineState(BaseModel):
@@ -122,6 +129,7 @@ class EngineState(BaseModel):
     running: int
     queued: int
     adapters: list[str]  # digests of the adapter versions loaded there
+    merged: str | None  # a merged engine's one adapter version (digest); None: the base model
 
 
 class EngineList(BaseModel):
@@ -149,6 +157,9 @@ ERROR_DESCRIPTIONS = {
     413: "The body is over the size limit.",
     415: "The body is not `application/json`, or is compressed.",
     429: "The tenant is over one of its limits; `code` names which.",
+    500: "The server failed: `merge_failed` when the merge of a valid adapter did not complete "
+    "(the message says why; nothing was stored or recorded).",
+    501: "This gateway cannot do it: merging needs PyTorch and PEFT (`merge_unavailable`).",
     502: "The engine failed.",
     503: "The engine is not ready (`engine_unavailable`) or the server is full "
     "(`server_overloaded`).",

@@ -125,6 +125,9 @@ class AdapterSettings(BaseModel):
     # An s3:// registry serves a record from memory this long: a delete or replace through
     # another replica is honoured everywhere within it (file:// records are checked each time).
     record_ttl_s: float = Field(1, gt=0, le=60)
+    # How long a merge (`adapters merge`: the base plus one adapter, in full precision) may run
+    # before it is stopped; about 20 s for the default model.
+    merge_timeout_s: float = Field(900, gt=0, le=86400)
 
 
 class LimitSettings(BaseModel):

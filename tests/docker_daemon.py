@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -63,6 +64,16 @@ class DockerDaemon(LocalServer):
             "--host", f"unix://{self.socket}",
         ]  # fmt: skip
         self._launch(argv, self._answers, START_TIMEOUT_S, poll_s=0.5)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the daemon, then undo the mounts it leaves behind under its directory (it
+        bind-mounts its network namespace and does not unmount it on exit), so the directory
+        can be removed."""
+        super().stop(sig)
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        mine = [m for m in mounts if Path(m).is_relative_to(self._workdir)]
+        for mount in sorted(mine, key=len, reverse=True):  # the deepest first
+            subprocess.run(["umount", mount], check=False, capture_output=True)
 
     def _answers(self) -> bool:
         if not self.socket.exists():

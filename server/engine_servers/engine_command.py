@@ -1,6 +1,7 @@
 """`loragate engine`: what an engine pod runs. It starts vLLM (or the fake) listening on the pod's
 address, with every adapter of the store loadable by digest (the `store_resolver` plugin, which
-the environment switches on for that process only) and every route but /health behind the
+the environment switches on for that process only), or with `--merged` one adapter's merged
+copy (`merged_model`), and every route but /health behind the
 secret gateways and engines share, and supervises it: a dead engine is restarted or ends the
 command non-zero (the pod restarts); SIGTERM stops the engine's whole process group.
 """
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import signal
 
+from server.engine_servers.merged_model import MergedModel, resolve_merged_model
 from server.engine_servers.store_resolver import RESOLVER_ENV
 from server.engines.openai_http import OpenAIHttpEngine
 from server.engines.process import EngineProcess, EngineStartError, fake_argv, vllm_argv
@@ -22,9 +24,15 @@ logger = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 5.0
 
 
-def engine_argv(settings: Settings, host: str, port: int) -> list[str]:
+def engine_argv(
+    settings: Settings, host: str, port: int, merged: MergedModel | None = None
+) -> list[str]:
     if settings.engine.kind == "vllm":
-        return vllm_argv(settings, port, host)
+        served = None if merged is None else (merged.directory, merged.served_name)
+        return vllm_argv(settings, port, host, merged=served)
+    if merged is not None:
+        return fake_argv(settings.model_copy(update={"model": settings.model.model_copy(
+            update={"name": merged.served_name})}), port, host)  # fmt: skip
     return [*fake_argv(settings, port, host), "--resolve-adapters"]
 
 
@@ -58,7 +66,8 @@ async def supervise(process: EngineProcess, settings: Settings, health_url: str)
         await probe.aclose()
 
 
-def run_engine(settings: Settings, host: str, port: int) -> int:
+def run_engine(settings: Settings, host: str, port: int, merged_spec: str | None = None) -> int:
+    """`merged_spec` (TENANT/NAME): serve that adapter's merged copy instead of the base."""
     key = settings.engine.api_key
     if key is None:
         raise EngineStartError(
@@ -69,8 +78,9 @@ def run_engine(settings: Settings, host: str, port: int) -> int:
         raise EngineStartError(
             f"no model at {settings.model_path}: run `loragate model prepare` first"
         )
+    merged = None if merged_spec is None else resolve_merged_model(settings, merged_spec)
     process = EngineProcess(
-        engine_argv(settings, host, port),
+        engine_argv(settings, host, port, merged),
         None,  # the engine's output is the pod's log
         api_key=key.get_secret_value(),
         extra_env={RESOLVER_ENV: "1"},

@@ -29,6 +29,15 @@ def engine_name(digest: str) -> str:
     return ENGINE_NAME_PREFIX + digest
 
 
+# What a merged engine (`loragate engine --merged`) serves its one model as: the adapter
+# version merged into the base, by digest, so that a replaced adapter never matches it.
+MERGED_NAME_PREFIX = "lgm-"
+
+
+def merged_engine_name(digest: str) -> str:
+    return MERGED_NAME_PREFIX + digest
+
+
 @dataclass
 class AdapterLease:
     """A request's hold on a loaded adapter; the adapter cannot be unloaded until released."""

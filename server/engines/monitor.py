@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from server.engines.adapter_slots import ENGINE_NAME_PREFIX
+from server.engines.adapter_slots import ENGINE_NAME_PREFIX, MERGED_NAME_PREFIX, merged_engine_name
 from server.engines.base import Engine, ServedModel, printable
 from server.engines.process import EngineProcess, EngineStartError
 from server.errors import EngineUnavailableError, LoragateError
@@ -53,24 +54,42 @@ def is_base_model(model: ServedModel) -> bool:
     return model.parent is None and not model.id.startswith(ENGINE_NAME_PREFIX)
 
 
-def check_served(served: Sequence[ServedModel], model: ModelSettings) -> NotReady | None:
-    """None when the engine serves `model.name` with a context of at least `model.max_model_len`
-    (or reports none), else the reason it cannot serve us."""
+MERGED_MODEL = re.compile(re.escape(MERGED_NAME_PREFIX) + r"([0-9a-f]{64})")
+
+
+def merged_digest(served: Sequence[ServedModel]) -> str | None:
+    """The adapter version a merged engine serves (its one model is `lgm-<digest>`), else None."""
     bases = [m for m in served if is_base_model(m)]
-    ours = next((m for m in bases if m.id == model.name), None)
+    if len(bases) != 1:
+        return None
+    found = MERGED_MODEL.fullmatch(bases[0].id)
+    return found.group(1) if found else None
+
+
+def check_served(served: Sequence[ServedModel], model: ModelSettings) -> NotReady | None:
+    """None when the engine serves `model.name`, or is a merged engine (one adapter version of
+    it, merged), with a context of at least `model.max_model_len` (or reports none), else the
+    reason it cannot serve us."""
+    bases = [m for m in served if is_base_model(m)]
+    digest = merged_digest(served)
+    name = model.name if digest is None else merged_engine_name(digest)
+    ours = next((m for m in bases if m.id == name), None)
     if ours is None:
-        names = [f"`{printable(m.id, MAX_MODEL_NAME_CHARS)}`" for m in bases[:MAX_LISTED_MODELS]]
-        if len(bases) > MAX_LISTED_MODELS:
-            names.append(f"{len(bases) - MAX_LISTED_MODELS} more")
+        # A merged copy's name carries an adapter's digest: never shown either.
+        shown = [m for m in bases if not m.id.startswith(MERGED_NAME_PREFIX)]
+        names = [f"`{printable(m.id, MAX_MODEL_NAME_CHARS)}`" for m in shown[:MAX_LISTED_MODELS]]
+        if len(shown) > MAX_LISTED_MODELS:
+            names.append(f"{len(shown) - MAX_LISTED_MODELS} more")
         serves = ", ".join(names) or "no base model"
         return NotReady(
             "engine_model_mismatch",
             f"the engine does not serve the base model `{model.name}`; it serves {serves}",
         )
     if ours.max_model_len is not None and ours.max_model_len < model.max_model_len:
+        what = f"`{model.name}`" if digest is None else f"a merged copy of `{model.name}`"
         return NotReady(
             "engine_context_too_short",
-            f"the engine serves `{model.name}` with max_model_len {ours.max_model_len}, "
+            f"the engine serves {what} with max_model_len {ours.max_model_len}, "
             f"below the configured {model.max_model_len}",
         )
     return None
@@ -107,6 +126,9 @@ class EngineMonitor:
         self._models_checked = False
         self._epoch = 0
         self.fatal = False
+        # The adapter version the engine serves merged (`loragate engine --merged`), from the
+        # model list read when it came up; None for an engine of the base model.
+        self.merged: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -158,6 +180,8 @@ class EngineMonitor:
             reason, definitive, served = await self._check_models()
             if epoch == self._epoch:  # not seen down while the list was read
                 self._models_checked = definitive
+                if definitive:
+                    self.merged = merged_digest(served)
                 if definitive and self._on_models is not None:
                     self._on_models(served)
                 self._set_reason(reason)
@@ -199,10 +223,11 @@ class EngineMonitor:
             since_load += 0.25
 
     async def refresh_models(self) -> None:
-        """Read a ready engine's model list again for `on_models`: which of our adapters it holds
-        now, other gateway replicas' loads and unloads included. A list that cannot be read
-        changes nothing: health polls decide readiness."""
-        if not self.ready or self._on_models is None:
+        """Read a ready engine's model list again: whether it still serves what we need (the
+        base model, or for a merged engine which version), and for `on_models` which of our
+        adapters it holds now, other gateway replicas' loads and unloads included. A list that
+        cannot be read changes nothing: health polls decide readiness."""
+        if not self.ready:
             return
         epoch = self._epoch
         try:
@@ -210,7 +235,15 @@ class EngineMonitor:
         except LoragateError:
             return
         if epoch == self._epoch and self.ready:
-            self._on_models(served)
+            # What it serves may have changed under the same address (a merged engine
+            # restarted on another adapter version): checked again, as when it came up.
+            self.merged = merged_digest(served)
+            reason = check_served(served, self._model)
+            if reason is not None:
+                self._models_checked = False  # the health polls read it again until it fits
+            self._set_reason(reason)
+            if self._on_models is not None:
+                self._on_models(served)
 
     async def read_load(self) -> None:
         """Export a ready engine's own running and waiting counts; a report that cannot be read

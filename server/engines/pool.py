@@ -57,6 +57,7 @@ class EngineMember:
             free_slot=self.slots.has_free_slot(),
             active=self.slots.active(),
             max_active=self.max_active,
+            merged=self.monitor.merged,
         )
 
 

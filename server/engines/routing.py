@@ -24,6 +24,11 @@ its holder has no room instead of queueing behind it, and an engine is only made
 no engine holds the adapter or has a free slot. Adapters are named by content digest: a replaced
 adapter is a new digest that no engine holds, so a request never goes to an engine holding a
 stale version. Base-model requests go to the least loaded engine.
+
+A merged engine serves one adapter version merged into the base, with no LoRA cost: that
+version's requests go to the least loaded of its merged engines that has room, and to the
+hot-swap engines above when none has (or none is up), so callers never wait on a merged engine
+while a base engine could serve them. Merged engines take no other request.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class EngineView:
     free_slot: bool = True
     active: frozenset[str] = frozenset()
     max_active: int = 1 << 30  # adapters the engine batches at once (vLLM's --max-loras)
+    merged: str | None = None  # the adapter version a merged engine serves; None: the base
 
     @property
     def load(self) -> float:
@@ -93,9 +99,14 @@ def choose(
 ) -> EngineView | None:
     """The engine for a request for `digest` (None: the base model), or None when no ready
     engine outside `exclude` can take it."""
-    candidates = [v for v in views if v.ready and v.name not in exclude]
+    ready = [v for v in views if v.ready and v.name not in exclude]
+    candidates = [v for v in ready if v.merged is None]
     if digest is None:
         return min(candidates, key=lambda v: (v.load, v.name), default=None)
+    merged = [v for v in ready if v.merged == digest]
+    roomy = [v for v in merged if v.has_room()]
+    if roomy:
+        return min(roomy, key=lambda v: (v.load, spread(digest, v.name)))
     best: EngineView | None = None
     best_key: tuple[float, float, bytes] | None = None
     for view in candidates:
@@ -106,6 +117,7 @@ def choose(
         if best_key is None or key < best_key:
             best, best_key = view, key
     if best is None:
-        # Every slot on every engine is busy: the least loaded engine waits for one (bounded).
-        return min(candidates, key=lambda v: (v.load, v.name), default=None)
+        # Every slot on every engine is busy: the least loaded engine waits for one (bounded),
+        # a saturated merged engine first (it needs no slot).
+        return min(merged or candidates, key=lambda v: (v.load, v.name), default=None)
     return best

@@ -24,7 +24,7 @@ from adapters.registry import AdapterRegistry
 from adapters.types import ADAPTER_NAME, AdapterRecord
 from server.cache.policy import CacheDirectives, CachePlan, CacheStatus, cache_key, is_reproducible
 from server.cache.result_cache import Lookup, ResultCache
-from server.engines.adapter_slots import AdapterLease
+from server.engines.adapter_slots import AdapterLease, merged_engine_name
 from server.engines.base import EngineStream, GenerationKind
 from server.engines.pool import EngineMember, EnginePool
 from server.errors import (
@@ -266,10 +266,15 @@ class GenerationService:
             try:
                 attempt.callback(await member.admission.acquire())
                 lease = None
-                if digest is not None:
+                merged = digest is not None and member.monitor.merged == digest
+                if digest is not None and not merged:
                     lease = await self._guard(member, member.slots.acquire(digest))
                     attempt.callback(lease.release)  # over: the adapter may be unloaded
-                result = await self._call(member, lease, body, call)
+                if merged:
+                    assert digest is not None
+                    result = await self._call_merged(member, digest, body, call)
+                else:
+                    result = await self._call(member, lease, body, call)
             except EngineUnavailableError:
                 await attempt.aclose()
                 tried.append(member.name)
@@ -325,6 +330,22 @@ class GenerationService:
             # The engine lost the adapter (it restarted): load it again, once.
             await self._guard(member, member.slots.reload(lease.digest))
             return await self._guard(member, call(member))
+
+    async def _call_merged(
+        self,
+        member: EngineMember,
+        digest: str,
+        body: dict[str, Any],
+        call: Callable[[EngineMember], Awaitable[T]],
+    ) -> T:
+        body["model"] = merged_engine_name(digest)
+        try:
+            return await self._guard(member, call(member))
+        except ModelNotFoundError:
+            # It serves something else now (restarted with another model): out of rotation
+            # until its model list is read again, and the request goes to another engine.
+            member.monitor.mark_unreachable()
+            raise EngineUnavailableError("the merged engine no longer serves the adapter") from None
 
     @staticmethod
     async def _guard(member: EngineMember, awaitable: Awaitable[T]) -> T:

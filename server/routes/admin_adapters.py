@@ -111,3 +111,32 @@ async def delete_adapter(
     tenant: str, name: str, _: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
     return (await services.admin.delete(tenant, name)).to_json()
+
+
+MERGE_DOC: dict[str, Any] = {
+    "response_model": None,
+    "responses": {200: {"model": doc.AdapterRecord, "description": "The adapter's record."}}
+    | doc.errors(400, 404, 409, 500, 501),
+    "openapi_extra": doc.ADMIN_AUTH,
+}
+
+
+@router.post("/{name}/merge", **MERGE_DOC)
+async def merge_adapter(
+    tenant: str, name: str, _: AdminDep, services: ServicesDep
+) -> dict[str, Any]:
+    """Promote the adapter's current version: merge it into the base model (full precision),
+    store the merged model and record it on the adapter, for `loragate engine --merged` to
+    serve. Takes as long as the merge (about 20 s for the default model); merging an adapter
+    already merged answers at once."""
+    await services.admin.get(tenant, name)  # the tenant and name checks, and its 404
+    return (await services.promotion.merge(tenant, name)).to_json()
+
+
+@router.delete("/{name}/merge", **MERGE_DOC)
+async def demote_adapter(
+    tenant: str, name: str, _: AdminDep, services: ServicesDep
+) -> dict[str, Any]:
+    """Undo a promotion: the adapter is served hot-swapped only, from the next request on."""
+    await services.admin.get(tenant, name)
+    return (await services.promotion.demote(tenant, name)).to_json()

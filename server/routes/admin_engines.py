@@ -23,7 +23,8 @@ LIST_DOC: dict[str, Any] = {
 @router.head("", **LIST_DOC)
 async def list_engines(_: AdminDep, services: ServicesDep) -> dict[str, Any]:
     """Every engine of this gateway's pool: up or not (and why), requests running on it and
-    waiting for it here, the adapter versions (digests) loaded there."""
+    waiting for it here, the adapter versions (digests) loaded there, and for a merged engine
+    the one version it serves merged."""
     data = []
     for member in services.pool.members:
         reason = member.monitor.reason
@@ -36,6 +37,7 @@ async def list_engines(_: AdminDep, services: ServicesDep) -> dict[str, Any]:
                 "running": member.admission.running,
                 "queued": member.admission.queued,
                 "adapters": sorted(member.slots.loaded),
+                "merged": member.monitor.merged,
             }
         )
     return {"object": "list", "data": data}

@@ -9,6 +9,7 @@ database. Run it alone with `.venv/bin/python -m pytest tests/fuzz -q -p no:cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,11 @@ from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi import checks as openapi_checks
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from adapters.types import CONFIG_FILE, WEIGHTS_FILE
+from adapters.merged_store import MANIFEST_VERSION, MERGED_MANIFEST
+from adapters.types import CONFIG_FILE, FULL_PRECISION, WEIGHTS_FILE
 from server.app import create_app
 from server.engine_servers.fake_engine import FakeEngineKnobs, create_fake_engine_app
+from server.merging import promotion
 from server.settings import Settings
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, engine_at, make_settings, serving
@@ -109,12 +112,32 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_peft_adapter(tmp_path_factory.mktemp("adapter"), rank=4)
 
 
+def stand_in_merge(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, *, adapter_digest: str,
+    base_revision: str, timeout_s: float,
+) -> None:  # fmt: skip
+    """What `build_merged` leaves, without the merge: this gateway's base is a config file
+    only (tests/e2e/test_merged.py merges for real)."""
+    out_dir.mkdir()
+    config = (base_dir / "config.json").read_bytes()
+    (out_dir / "config.json").write_bytes(config)
+    manifest = {
+        "version": MANIFEST_VERSION, "adapter_digest": adapter_digest,
+        "base_revision": base_revision, "scheme": FULL_PRECISION,
+        "files": {"config.json": hashlib.sha256(config).hexdigest()},
+    }  # fmt: skip
+    (out_dir / MERGED_MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.fixture
-def gateway_schema(tmp_path: Path, engine_url: str, adapter_dir: Path) -> Iterator[OpenApiSchema]:
+def gateway_schema(
+    tmp_path: Path, engine_url: str, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[OpenApiSchema]:
     """A new gateway and its document, loaded from the app itself. schemathesis runs the app's
     lifespan on its own event loop, where every request goes, and ends it after each test; so
     the app is not entered in a TestClient as `running_gateway` does (the engine client must
     live on the loop that serves the requests)."""
+    monkeypatch.setattr(promotion, "build_merged", stand_in_merge)
     settings_ = make_settings(
         tmp_path,
         engine={"health_interval_s": 0.2, "max_loras": 2},

@@ -18,8 +18,8 @@ from adapters.errors import (
     AdapterRejectedError,
     AdapterStoreError,
 )
-from adapters.registry import LocalAdapterRegistry, PutResult
-from adapters.types import AdapterRecord
+from adapters.registry import AdapterRegistry, LocalAdapterRegistry, PutResult
+from adapters.types import AdapterRecord, MergedCopy
 
 
 def digest(label: str) -> str:
@@ -309,3 +309,35 @@ def test_concurrent_puts_of_one_name_from_two_processes_serialize(tmp_path: Path
         child.join(timeout=30)
     assert results == ["conflict", "created"]
     assert LocalAdapterRegistry(tmp_path).generation() == 1
+
+
+# --- merged copies (promotion) ------------------------------------------------------------------
+
+
+def check_merged_copies(registry: AdapterRegistry) -> None:
+    """What every registry does with merged copies (the S3 registry's tests call it too)."""
+    first = record("a", "v1")
+    registry.put(first, replace=False)
+    copy = MergedCopy("c" * 64, "base@1", "none")
+    updated = registry.set_merged("acme", "a", first.digest, (copy,))
+    assert updated.merged == (copy,)
+    assert registry.get("acme", "a") == updated
+    # Re-uploading the same content keeps them; a new version starts without.
+    assert registry.put(record("a", "v1"), replace=False)[1].merged == (copy,)
+    registry.put(record("a", "v2"), replace=True)
+    current = registry.get("acme", "a")
+    assert current is not None and current.merged == ()
+    # Copies built from the old version are never attached to the new one.
+    with pytest.raises(AdapterConflictError) as caught:
+        registry.set_merged("acme", "a", first.digest, (copy,))
+    assert caught.value.code == "adapter_changed"
+    with pytest.raises(AdapterNotFoundError):
+        registry.set_merged("acme", "nope", first.digest, (copy,))
+    registry.set_merged("acme", "a", current.digest, (copy,))
+    assert registry.set_merged("acme", "a", current.digest, ()).merged == ()  # demoted
+
+
+def test_merged_copies_are_recorded_on_the_version_they_were_built_from(
+    registry: LocalAdapterRegistry,
+) -> None:
+    check_merged_copies(registry)

@@ -80,9 +80,21 @@ class FakeAdminAPI:
             return self.put(request, tenant, name)
         if (tenant, name) not in self.records:
             return error(404, f"no adapter {name}", "adapter_not_found")
+        if len(parts) > 7 and parts[7] == "merge":
+            return self.merge(request, tenant, name)
         if request.method == "DELETE":
             return httpx.Response(200, json=self.records.pop((tenant, name)))
         return httpx.Response(200, json=self.records[(tenant, name)])
+
+    def merge(self, request: httpx.Request, tenant: str, name: str) -> httpx.Response:
+        record = self.records[(tenant, name)]
+        if request.method == "POST":
+            key = hashlib.sha256(record["digest"].encode()).hexdigest()
+            record["merged"] = [{"key": key, "base_revision": "base@1", "scheme": "none"}]
+        else:
+            assert request.method == "DELETE"
+            record["merged"] = []
+        return httpx.Response(200, json=record)
 
     def put(self, request: httpx.Request, tenant: str, name: str) -> httpx.Response:
         assert isinstance(request.stream, httpx.SyncByteStream)
@@ -328,3 +340,25 @@ def test_non_envelope_error_still_reads(monkeypatch: pytest.MonkeyPatch) -> None
     result = run("list", "--tenant", "acme")
     assert result.exit_code == 1
     assert "error (502): Bad Gateway: <html>upstream down</html>" in result.output
+
+
+def test_merge_promotes_and_says_how_to_serve_it_and_demote_undoes_it(
+    api: FakeAdminAPI, tmp_path: Path
+) -> None:
+    push(write_adapter(tmp_path / "a"))
+    result = run("merge", "--tenant", "acme", "bot")
+    assert result.exit_code == 0, result.output
+    key = api.records[("acme", "bot")]["merged"][0]["key"]
+    assert f"merged acme/bot: {key[:12]}" in result.output
+    assert "loragate engine --merged acme/bot" in result.output
+    assert api.requests[-1].method == "POST"
+    assert api.requests[-1].url.path == "/admin/v1/tenants/acme/adapters/bot/merge"
+
+    result = run("demote", "--tenant", "acme", "bot")
+    assert result.exit_code == 0 and "demoted acme/bot" in result.output
+    assert api.records[("acme", "bot")]["merged"] == []
+
+
+def test_merge_of_an_absent_adapter_is_a_404_message(api: FakeAdminAPI) -> None:
+    result = run("merge", "--tenant", "acme", "nope")
+    assert result.exit_code == 1 and "no adapter nope" in result.output

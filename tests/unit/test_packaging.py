@@ -16,8 +16,9 @@ OWN_PACKAGES = {"server", "adapters", "tests"}
 # as optional: without it every upload is a 500.
 LOADED_ON_DEMAND = {"python-multipart"}
 # Imported only where an engine runs, which has the engine extra: torch inside `loragate model
-# prepare`, vllm inside the store resolver plugin (which runs in vLLM's own process).
-ENGINE_HOST_ONLY = {"torch", "vllm"}
+# prepare`, vllm inside the store resolver plugin (which runs in vLLM's own process), peft inside
+# the merge worker (which a gateway without them refuses to start: 501).
+ENGINE_HOST_ONLY = {"torch", "vllm", "peft"}
 
 
 def _name(requirement: str) -> str:

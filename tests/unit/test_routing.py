@@ -258,3 +258,41 @@ def test_equally_idle_engines_share_new_adapters_the_same_way_every_time() -> No
     placed = [choose(views, d) for d in digests]
     assert placed == [choose(list(reversed(views)), d) for d in digests]  # order-independent
     assert {v.name for v in placed if v is not None} == {"e0", "e1", "e2", "e3"}
+
+
+# --- merged engines ------------------------------------------------------------------------------
+
+
+def merged_view(name: str, digest: str, *, running: int = 0, ready: bool = True) -> EngineView:
+    return replace(view(name, running=running, ready=ready), merged=digest, can_load=False)
+
+
+def test_a_merged_version_goes_to_its_least_loaded_merged_engine_with_room() -> None:
+    views = [
+        view("base", loaded=["d"]),
+        merged_view("m1", "d", running=2),
+        merged_view("m2", "d", running=1),
+        merged_view("other", "e"),
+    ]
+    chosen = choose(views, "d")
+    assert chosen is not None and chosen.name == "m2"
+
+
+def test_with_no_merged_engine_up_or_with_room_the_version_hot_swaps() -> None:
+    base = view("base")
+    for merged in (merged_view("m", "d", ready=False), merged_view("m", "d", running=4)):
+        chosen = choose([base, merged], "d")
+        assert chosen is not None and chosen.name == "base"
+    # No hot-swap engine can take it either: the saturated merged engine waits for it.
+    full_base = view("base", running=4, can_load=False)
+    chosen = choose([full_base, merged_view("m", "d", running=4)], "d")
+    assert chosen is not None and chosen.name == "m"
+
+
+def test_merged_engines_take_no_other_request() -> None:
+    views = [view("base", running=3), merged_view("m", "d")]
+    for digest in (None, "e"):
+        chosen = choose(views, digest)
+        assert chosen is not None and chosen.name == "base"
+    assert choose([merged_view("m", "d")], None) is None
+    assert choose([merged_view("m", "d")], "e") is None

@@ -32,6 +32,7 @@ from tests.moto_server import (
     moto_session,
     new_bucket,
 )
+from tests.unit.test_adapter_registry import check_merged_copies
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -477,3 +478,9 @@ def test_s3_errors_never_carry_credentials(bucket: str, monkeypatch: pytest.Monk
         assert info.value.message.endswith(": EndpointConnectionError")
         for secret in (SECRET_ACCESS_KEY, ACCESS_KEY_ID):
             assert secret not in info.value.message
+
+
+def test_merged_copies_are_recorded_on_the_version_they_were_built_from(
+    registry: S3AdapterRegistry,
+) -> None:
+    check_merged_copies(registry)
