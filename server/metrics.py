@@ -104,17 +104,21 @@ class Metrics:
             registry=r,
         )
         # `model` is the base model's name or "<tenant>/<adapter>" from the registry, never the
-        # raw request string: unknown names are refused before anything is counted.
+        # raw request string: unknown names are refused before anything is counted. `mode` is
+        # how it was served: base, hotswap (a LoRA adapter on a base engine), merged (on an
+        # engine serving it merged), fallback (promoted, but hot-swapped: no merged engine was
+        # up or had room).
         self.generation_requests = Counter(
             "loragate_generation_requests_total",
-            "Generation requests served, by model.",
-            ["model"],
+            "Generation requests served, by model and serving mode.",
+            ["model", "mode"],
             registry=r,
         )
         self.generation_tokens = Counter(
             "loragate_generation_tokens_total",
-            "Tokens by model and kind (prompt, completion), from the engine's usage report.",
-            ["model", "kind"],
+            "Tokens by model, serving mode and kind (prompt, completion), from the engine's "
+            "usage report.",
+            ["model", "mode", "kind"],
             registry=r,
         )
         self.engine_restarts = Counter(

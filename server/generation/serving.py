@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from adapters.registry import AdapterRegistry
 from adapters.types import ADAPTER_NAME, AdapterRecord
@@ -48,6 +48,8 @@ from server.settings import Settings
 from server.tenants import Tenant
 
 T = TypeVar("T")
+# How a request was served (the `mode` label of the generation metrics).
+ServingMode = Literal["base", "hotswap", "merged", "fallback"]
 
 RESOLVE_ATTEMPTS = 3  # reads of a record that keeps changing under a request, at most
 ENGINE_ATTEMPTS = 2  # engines a request is sent to, at most: one retry elsewhere
@@ -144,12 +146,12 @@ class GenerationService:
             if lookup.value is not None:
                 return Generated(lookup.value, "hit")
             reservation = await self._quota(stack, tenant, job, admitted)
-            result, _ = await self._on_engine(
+            result, member = await self._on_engine(
                 stack, job, job.body, lambda m: m.engine.generate(job.kind, job.body)
             )
             result["model"] = job.target.public_name
             usage = result.get("usage")
-            self._count(job.target, usage)
+            self._count(job.target, usage, self._mode(job.target, member))
             if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
                 reservation.record_usage(usage["total_tokens"])
             content = dump_json(result)
@@ -304,7 +306,8 @@ class GenerationService:
             self._metrics.time_to_first_token.labels(route).observe(elapsed)
 
         def usage(prompt: int, completion: int) -> None:
-            self._count(job.target, {"prompt_tokens": prompt, "completion_tokens": completion})
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+            self._count(job.target, usage, self._mode(job.target, member))
             reservation.record_usage(prompt + completion)
 
         def error(e: LoragateError) -> None:
@@ -355,14 +358,23 @@ class GenerationService:
             member.monitor.mark_unreachable()
             raise
 
-    def _count(self, target: Target, usage: Any) -> None:
+    def _mode(self, target: Target, member: EngineMember) -> ServingMode:
+        adapter = target.adapter
+        if adapter is None:
+            return "base"
+        if member.monitor.merged == adapter.digest:
+            return "merged"
+        # Promoted, but no merged engine was up or had room.
+        return "fallback" if adapter.merged_copy(self._base_revision) else "hotswap"
+
+    def _count(self, target: Target, usage: Any, mode: ServingMode) -> None:
         label = target.metrics_label
-        self._metrics.generation_requests.labels(label).inc()
+        self._metrics.generation_requests.labels(label, mode).inc()
         if isinstance(usage, dict):
             for kind in ("prompt", "completion"):
                 tokens = usage.get(f"{kind}_tokens")
                 if isinstance(tokens, int) and tokens >= 0:
-                    self._metrics.generation_tokens.labels(label, kind).inc(tokens)
+                    self._metrics.generation_tokens.labels(label, mode, kind).inc(tokens)
 
     async def _resolve(self, tenant: Tenant, model: str) -> tuple[Target, Callable[[], None]]:
         """What `model` names, and a hold on the adapter version it names (the release is

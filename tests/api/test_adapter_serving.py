@@ -60,7 +60,10 @@ def test_usage_is_forwarded_when_the_client_asks(
     usage = [json.loads(e) for e in sse_events(response.text)[:-1] if '"usage"' in e]
     assert usage and usage[-1]["usage"]["completion_tokens"] > 0
     metrics = scrape(gateway)
-    assert 'loragate_generation_tokens_total{kind="completion",model="acme/helper"}' in metrics
+    assert (
+        'loragate_generation_tokens_total{kind="completion",mode="hotswap",model="acme/helper"}'
+        in metrics
+    )
 
 
 def test_models_lists_only_the_callers_adapters(gateway: Gateway, adapter_dirs: list[Path]) -> None:

@@ -97,6 +97,14 @@ def test_the_merged_version_goes_to_its_merged_engine_and_the_rest_hot_swaps(
     assert chat(pool.gateway, MODEL) == 200
     assert pool.merged.state.stats.generate_calls == 5  # neither went to the merged engine
     assert pool.base.state.stats.loads == 1
+    registry = pool.gateway.app.state.metrics.registry
+    served = {
+        (model, mode): registry.get_sample_value(
+            "loragate_generation_requests_total", {"model": model, "mode": mode}
+        )
+        for model, mode in (("acme/hot", "merged"), ("acme/cold", "hotswap"), (MODEL, "base"))
+    }
+    assert served == {("acme/hot", "merged"): 5, ("acme/cold", "hotswap"): 1, (MODEL, "base"): 1}
 
 
 def test_when_the_merged_engine_goes_away_its_version_hot_swaps_with_no_failure(

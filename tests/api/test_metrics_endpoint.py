@@ -26,8 +26,8 @@ from tests.api.test_openai_routes import chat_body
 from tests.support import fake_serve_env
 
 LORAGATE = str(Path(sys.executable).parent / "loragate")
-TOKENS = 'loragate_generation_tokens_total{kind="completion",model="acme/helper"}'
-REQUESTS = 'loragate_generation_requests_total{model="acme/helper"}'
+TOKENS = 'loragate_generation_tokens_total{kind="completion",mode="hotswap",model="acme/helper"}'
+REQUESTS = 'loragate_generation_requests_total{mode="hotswap",model="acme/helper"}'
 
 
 def scrape(gateway: Gateway) -> str:
@@ -82,7 +82,7 @@ def test_deleted_adapters_series_are_removed(gateway: Gateway, tmp_path: Path) -
     assert deleted.status_code == 200
     after = scrape(gateway)
     assert 'model="acme/helper"' not in after
-    assert f'loragate_generation_requests_total{{model="{MODEL}"}} 1.0' in after
+    assert f'loragate_generation_requests_total{{mode="base",model="{MODEL}"}} 1.0' in after
 
 
 def test_name_with_line_break_logs_one_line(

@@ -186,6 +186,13 @@ def base_loads(setup: Setup) -> float:
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
 
+def served_as(setup: Setup, mode: str) -> float:
+    text = httpx.get(setup.gateway.metrics_url, timeout=10).text
+    prefix = f'loragate_generation_requests_total{{mode="{mode}",model="acme/hot"}}'
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
 def test_the_merged_engine_answers_as_transformers_peft_with_the_unmerged_adapter(
     setup: Setup,
 ) -> None:
@@ -231,6 +238,9 @@ def test_stopping_the_merged_engine_falls_back_to_hot_swap_with_no_failed_reques
         answers = [f.result() for f in futures]  # any failure raises here
     assert answers == [adapter.references[i % len(PROMPTS)] for i in range(count)]
     setup.merged.proc.wait(60)
-    # Served on, hot-swapped.
+    # Served on, hot-swapped: counted as the fallback of a promoted adapter.
+    fallbacks = served_as(setup, "fallback")
     assert [ask(setup, prompt) for prompt in PROMPTS] == adapter.references
     assert setup.engines()[setup.merged.url]["ready"] is False
+    assert served_as(setup, "fallback") == fallbacks + len(PROMPTS)
+    assert served_as(setup, "merged") > 0
