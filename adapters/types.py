@@ -64,6 +64,8 @@ class AdapterInfo:
     alpha: float
     target_modules: tuple[str, ...]
     size_bytes: int  # both files together
+    # Only a merged engine can serve it (DoRA: vLLM's hot-swap path refuses it, PEFT merges it).
+    merge_only: bool = False
 
 
 FULL_PRECISION = "none"  # the scheme of a merged copy stored unquantized
@@ -100,6 +102,7 @@ class AdapterRecord:
     size_bytes: int
     created_at: str  # ISO 8601, UTC
     merged: tuple[MergedCopy, ...] = ()
+    merge_only: bool = False  # see AdapterInfo
 
     def merged_copy(self, base_revision: str, scheme: str = FULL_PRECISION) -> MergedCopy | None:
         """Its copy merged into the base at `base_revision` and stored as `scheme`, if any."""
@@ -110,6 +113,7 @@ class AdapterRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "merge_only": self.merge_only,
             "merged": [copy.to_json() for copy in self.merged],
             "tenant": self.tenant,
             "name": self.name,
@@ -134,4 +138,5 @@ class AdapterRecord:
             created_at=str(data["created_at"]),
             # Absent in records written before promotion existed.
             merged=tuple(MergedCopy.from_json(m) for m in data.get("merged", [])),
+            merge_only=bool(data.get("merge_only", False)),
         )

@@ -28,18 +28,21 @@ _ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z"
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _HASH_BLOCK = 1024 * 1024
 # vLLM's parse_fine_tuned_lora_name only takes lora_A/lora_B tensors with the `.weight` suffix.
+# DoRA adds a magnitude vector per module (`...<projection>.lora_magnitude_vector`), factor "M".
 _TENSOR_NAME = re.compile(
-    r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(\w+)\.(\w+)\.lora_(A|B)\.weight",
+    r"base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(\w+)\.(\w+)"
+    r"\.(?:lora_(A|B)\.weight|lora_magnitude_vector)",
     re.ASCII,
 )
 _NAME_FORM = "base_model.model.model.layers.<i>.<self_attn|mlp>.<projection>.lora_<A|B>.weight"
+_MAGNITUDE = "M"
 
 # Config keys that must be empty or false. vLLM itself refuses DoRA, modules_to_save, lora_bias,
 # layer_replication, aLoRA, QALoRA and BD-LoRA; the others change what the adapter computes
 # (transposed weights, base-weight surgery, routing, extra tensors) or give per-module ranks and
 # layer subsets that the shape checks below do not model.
+# DoRA (use_dora) is accepted as merge-only: vLLM cannot hot-swap it, PEFT can merge it.
 _MUST_BE_UNSET: dict[str, tuple[str, str]] = {
-    "use_dora": ("dora_unsupported", "DoRA adapters (use_dora) are not supported by the engine"),
     "modules_to_save": (
         "modules_to_save_unsupported",
         "modules_to_save (full copies of base-model modules) is not supported",
@@ -79,6 +82,7 @@ class _LoraConfig:
     rank: int
     alpha: float
     targets: frozenset[str]
+    dora: bool = False  # merge-only: served through a merged engine alone
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ def validate_adapter(
         alpha=config.alpha,
         target_modules=present,
         size_bytes=len(config_bytes) + weights_size,
+        merge_only=config.dora,
     )
 
 
@@ -193,7 +198,10 @@ def _parse_config(
     alpha = _check_alpha(raw.get("lora_alpha"))
     _check_features(raw)
     targets = _check_targets(raw.get("target_modules"), base)
-    return _LoraConfig(rank, alpha, targets)
+    dora = raw.get("use_dora", False)
+    if not isinstance(dora, bool):
+        _refuse(CONFIG_FIELD, "bad_config", f"use_dora is {_show(dora)}: not true or false")
+    return _LoraConfig(rank, alpha, targets, dora)
 
 
 def _check_rank(value: Any, max_rank: int) -> int:
@@ -331,11 +339,13 @@ def _parse_entry(name: str, entry: Any, data_len: int) -> _Tensor:
         )
     if not _is_int_list(shape) or not _is_int_list(offsets, length=2):
         _weights_error(f"tensor {_show(name)}: shape and data_offsets must be lists of integers")
-    if len(shape) != 2:
+    # LoRA factors are 2-D, DoRA magnitude vectors 1-D (their sizes are checked against the base).
+    if len(shape) != (1 if name.endswith(".lora_magnitude_vector") else 2):
         _refuse(
             WEIGHTS_FIELD,
             "bad_shape",
-            f"tensor {_show(name)} has shape {shape}: LoRA weights are 2-D",
+            f"tensor {_show(name)} has shape {shape}: LoRA weights are 2-D, DoRA magnitude "
+            "vectors 1-D",
         )
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
@@ -397,11 +407,12 @@ def _check_tensors(
 
 
 def _locate(name: str, base: BaseModelSpec) -> tuple[int, str, str] | str:
-    """Where a tensor goes, as (layer, projection, "A" | "B"), or why it goes nowhere."""
+    """Where a tensor goes, as (layer, projection, "A" | "B" | "M"), or why it goes nowhere."""
     match = _TENSOR_NAME.fullmatch(name)
     if match is None:
         return f"not a LoRA weight of the base model (expected {_NAME_FORM})"
     layer, parent, projection, factor = match.groups()
+    factor = factor or _MAGNITUDE
     if projection not in base.projections:
         return f"the base model has no projection {projection} (it has {', '.join(base.parents)})"
     if parent != base.parents[projection]:
@@ -433,8 +444,20 @@ def _check_pair(
                 f"layer {layer} {projection} has lora_{'B' if factor == 'A' else 'A'} "
                 f"but no lora_{factor} ({_show(some.name)})",
             )
+    if (_MAGNITUDE in pair) != config.dora:
+        missing = "has no lora_magnitude_vector" if config.dora else "has a DoRA magnitude vector"
+        _refuse(
+            WEIGHTS_FIELD,
+            "incomplete_pair" if config.dora else "unknown_tensor",
+            f"layer {layer} {projection} {missing}, but adapter_config has "
+            f"use_dora={str(config.dora).lower()} ({_show(some.name)})",
+        )
     in_features, out_features = base.projections[projection]
-    expected = {"A": (config.rank, in_features), "B": (out_features, config.rank)}
+    expected = {
+        "A": (config.rank, in_features),
+        "B": (out_features, config.rank),
+        _MAGNITUDE: (out_features,),
+    }
     for factor, tensor in pair.items():
         if tensor.shape != expected[factor]:
             _refuse(

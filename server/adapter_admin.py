@@ -148,6 +148,7 @@ class AdapterAdminService:
                 target_modules=info.target_modules,
                 size_bytes=info.size_bytes,
                 created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+                merge_only=info.merge_only,
             )
             with self._commit_lock:
                 result, stored = self._commit(record, config_bytes, Path(staged), replace)

@@ -119,6 +119,7 @@ class AdapterRecord(BaseModel):
     size_bytes: int
     created_at: str  # ISO 8601, UTC
     merged: list[MergedCopy]  # the merged copies it was promoted to (`adapters merge`)
+    merge_only: bool  # DoRA: served only by a merged engine (`adapters merge`, then --merged)
 
 
 class EngineState(BaseModel):

@@ -45,11 +45,14 @@ def write_peft_adapter(
     targets: Iterable[str] = ATTENTION,
     seed: int = 0,
     scale: float = 1.0,
+    dora: bool = False,
 ) -> Path:
     """A real PEFT LoRA adapter for SmolLM2's shapes, the same bytes for the same arguments.
 
     lora_B is random (init_lora_weights=False), times `scale`: at scale 1 the effect on greedy
-    output is barely visible, so tests that need one pass a large scale.
+    output is barely visible, so tests that need one pass a large scale. `dora`: a DoRA
+    adapter, whose magnitude vectors come from a random stand-in base: right in shape, not in
+    value (a test that serves one makes it on the real base).
     """
     # Imported here so tests that only edit files do not pay for torch (seconds).
     import torch
@@ -60,11 +63,18 @@ def write_peft_adapter(
     config = LlamaConfig(**{**SMOLLM2_CONFIG, "vocab_size": 64})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    # Uninitialised base weights: only the LoRA factors are saved, and they are seeded below.
+    # Uninitialised base weights: only the LoRA factors are saved, and they are seeded below;
+    # except for DoRA, whose magnitude vectors are the base weights' norms: seeded ones then.
     model = model.to_empty(device="cpu")
+    if dora:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for param in model.parameters():
+                param.normal_(std=0.02)
     lora = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False
-    )
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+        use_dora=dora,
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora)

@@ -124,6 +124,10 @@ class EnginePool:
     def discovers(self) -> bool:
         return any(urlsplit(u).scheme in DNS_SCHEMES for u in self._urls)
 
+    def serves_merged(self, digest: str) -> bool:
+        """Whether a ready engine serves the version `digest` merged."""
+        return any(m.monitor.ready and m.monitor.merged == digest for m in self._members.values())
+
     def ensure_ready(self) -> None:
         """Raise the 503 that says why no engine can serve, unless one can."""
         members = list(self._members.values())
@@ -132,9 +136,12 @@ class EnginePool:
         if not self.ready:
             members[0].monitor.ensure_ready()  # one engine's reason says why
 
-    def choose(self, digest: str | None, exclude: Iterable[str] = ()) -> EngineMember:
+    def choose(
+        self, digest: str | None, exclude: Iterable[str] = (), *, merged_only: bool = False
+    ) -> EngineMember:
         """The member for a request for `digest` (None: the base model); 503 when none fits."""
-        view = choose([m.view() for m in self._members.values()], digest, set(exclude))
+        views = [m.view() for m in self._members.values()]
+        view = choose(views, digest, set(exclude), merged_only=merged_only)
         if view is None:
             self.ensure_ready()
             raise EngineUnavailableError("no other engine is ready")

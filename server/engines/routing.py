@@ -95,10 +95,15 @@ def spread(digest: str, engine: str) -> bytes:
 
 
 def choose(
-    views: Sequence[EngineView], digest: str | None, exclude: Collection[str] = ()
+    views: Sequence[EngineView],
+    digest: str | None,
+    exclude: Collection[str] = (),
+    *,
+    merged_only: bool = False,
 ) -> EngineView | None:
     """The engine for a request for `digest` (None: the base model), or None when no ready
-    engine outside `exclude` can take it."""
+    engine outside `exclude` can take it; with `merged_only` (an adapter no engine can
+    hot-swap), only one serving it merged."""
     ready = [v for v in views if v.ready and v.name not in exclude]
     candidates = [v for v in ready if v.merged is None]
     if digest is None:
@@ -107,6 +112,8 @@ def choose(
     roomy = [v for v in merged if v.has_room()]
     if roomy:
         return min(roomy, key=lambda v: (v.load, spread(digest, v.name)))
+    if merged_only:
+        return min(merged, key=lambda v: (v.load, v.name), default=None)
     best: EngineView | None = None
     best_key: tuple[float, float, bytes] | None = None
     for view in candidates:

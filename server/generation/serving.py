@@ -129,7 +129,11 @@ class GenerationService:
         records = await asyncio.to_thread(self._registry.list, tenant.name)
         cards = [
             ModelCard(
-                id=r.name, created=self._created, owned_by=tenant.name, parent=self._base.name
+                id=r.name,
+                created=self._created,
+                owned_by=tenant.name,
+                parent=self._base.name,
+                merge_only=r.merge_only,
             )
             for r in records
         ]
@@ -261,9 +265,17 @@ class GenerationService:
         not started."""
         adapter = job.target.adapter
         digest = adapter.digest if adapter is not None else None
+        merged_only = adapter is not None and adapter.merge_only
+        if merged_only and digest is not None and not self._pool.serves_merged(digest):
+            raise EngineUnavailableError(
+                f"the adapter {job.target.public_name!r} can only be served merged (DoRA), and "
+                "no engine serving it merged is up: promote it (`loragate adapters merge`) and "
+                "start `loragate engine --merged` for it",
+                code="merged_engine_unavailable",
+            )
         tried: list[str] = []
         while True:
-            member = self._pool.choose(digest, exclude=tried)
+            member = self._pool.choose(digest, exclude=tried, merged_only=merged_only)
             attempt = AsyncExitStack()
             try:
                 attempt.callback(await member.admission.acquire())

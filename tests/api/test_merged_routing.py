@@ -21,6 +21,7 @@ from server.engines.adapter_slots import merged_engine_name
 from tests.adapter_factory import write_peft_adapter
 from tests.api.conftest import MODEL, Gateway, make_settings, serving
 from tests.api.test_adapters_admin import upload
+from tests.api.test_errors import assert_envelope
 
 PLACEHOLDER = "0" * 64  # what the merged engine serves until the test knows the digest
 
@@ -130,3 +131,28 @@ def test_a_replaced_adapter_is_never_sent_to_the_merged_copy_of_its_old_version(
     assert [chat(pool.gateway, "hot") for _ in range(3)] == [200] * 3
     assert pool.merged.state.stats.generate_calls == calls
     assert pool.base.state.stats.loads == 1
+
+
+def test_a_merge_only_adapter_is_refused_until_a_merged_engine_serves_it(
+    pool: MergedPool, tmp_path: Path
+) -> None:
+    dora = write_peft_adapter(tmp_path / "dora", seed=5, dora=True)
+    response = upload(pool.gateway, dora, name="dora")
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["merge_only"] is True
+    cards = pool.gateway.client.get("/v1/models", headers=pool.gateway.headers()).json()["data"]
+    assert {c["id"]: c["merge_only"] for c in cards if c["id"] == "dora"} == {"dora": True}
+
+    body = {"model": "dora", "messages": [{"role": "user", "content": "hi"}]}
+    refused = pool.gateway.client.post(
+        "/v1/chat/completions", json=body, headers=pool.gateway.headers()
+    )
+    error = assert_envelope(refused, 503)
+    assert error["code"] == "merged_engine_unavailable" and "merged" in error["message"]
+    assert record["digest"] not in refused.text
+    assert pool.base.state.stats.loads == 0  # never hot-swapped
+
+    pool.serve_merged(record["digest"])
+    assert chat(pool.gateway, "dora") == 200
+    assert pool.merged.state.stats.generate_calls == 1 and pool.base.state.stats.loads == 0

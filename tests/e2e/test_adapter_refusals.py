@@ -68,7 +68,11 @@ CASES: dict[str, tuple[Callable[[Path], None], int, str | None]] = {
     "wrong shapes": (wrong_shape, 400, "bad_shape"),
     "rank over the cap": (lambda d: update_config(d, r=64) and None, 400, "rank_over_limit"),
     "names matching no module": (no_matching_module, 400, None),
-    "DoRA config": (lambda d: update_config(d, use_dora=True) and None, 400, "dora_unsupported"),
+    "DoRA config, no magnitudes": (
+        lambda d: update_config(d, use_dora=True) and None,
+        400,
+        "incomplete_pair",
+    ),
     "missing weights file": (lambda d: (d / WEIGHTS_FILE).unlink(), 400, "missing_file"),
     "missing config file": (lambda d: (d / CONFIG_FILE).unlink(), 400, "missing_file"),
     "oversized weights": (oversized, 413, None),

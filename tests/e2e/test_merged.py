@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from server.engines.process import free_loopback_port
@@ -58,6 +59,9 @@ class Setup:
     base: EngineProc
     merged: EngineProc
     adapters: list[Adapter]
+    spare_port: int  # in the gateway's pool, for a merged engine a test starts itself
+    root: Path
+    env: dict[str, str]  # what an engine of this set-up is started with
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return admin(self.gateway, method, path, **kwargs)
@@ -124,14 +128,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "LORAGATE_ENGINE__DTYPE": "float32",  # compared with transformers+PEFT in fp32
     }
     base = start_engine(root / "base", env, free_loopback_port())
-    merged_port = free_loopback_port()
+    merged_port, spare_port = free_loopback_port(), free_loopback_port()
     merged: EngineProc | None = None
     gateway: ServeProcess | None = None
     try:
         adapters = make_adapters(root / "adapters", 2)  # while the engine starts
         wait_healthy(base)
         (root / "gateway").mkdir()
-        urls = ["--engine-url", base.url, "--engine-url", f"http://127.0.0.1:{merged_port}"]
+        urls = [
+            arg
+            for url in (base.url, *(f"http://127.0.0.1:{p}" for p in (merged_port, spare_port)))
+            for arg in ("--engine-url", url)
+        ]
         gateway = start_serve(
             root / "gateway", env={**env, "LORAGATE_ENGINE__HEALTH_INTERVAL_S": "0.5"}, args=urls
         )
@@ -144,7 +152,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         assert copy["scheme"] == "none"
         merged = start_engine(root / "merged", env, merged_port, "--merged", "acme/hot")
         wait_healthy(merged)
-        setup = Setup(gateway, base, merged, adapters)
+        setup = Setup(gateway, base, merged, adapters, spare_port, root, env)
         digest = put.json()["digest"]
         wait_until(
             "the merged engine seen by the gateway",
@@ -160,7 +168,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 engine.stop()
 
 
-def upload(gateway: ServeProcess, adapter: Adapter, replace: bool = False) -> httpx.Response:
+def upload(
+    gateway: ServeProcess, adapter: Adapter, replace: bool = False, name: str = "hot"
+) -> httpx.Response:
     files = {
         name: (path.name, path.read_bytes())
         for name, path in (
@@ -169,12 +179,12 @@ def upload(gateway: ServeProcess, adapter: Adapter, replace: bool = False) -> ht
         )
     }
     params = {"replace": "true"} if replace else {}
-    return admin(gateway, "PUT", "hot", files=files, params=params)
+    return admin(gateway, "PUT", name, files=files, params=params)
 
 
-def ask(setup: Setup, prompt: list[dict[str, str]]) -> str:
+def ask(setup: Setup, prompt: list[dict[str, str]], model: str = "hot") -> str:
     result = setup.gateway.client("acme", cached=False).chat.completions.create(
-        model="hot", messages=prompt, temperature=0, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+        model=model, messages=prompt, temperature=0, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
     )  # fmt: skip
     return result.choices[0].message.content or ""
 
@@ -244,3 +254,67 @@ def test_stopping_the_merged_engine_falls_back_to_hot_swap_with_no_failed_reques
     assert setup.engines()[setup.merged.url]["ready"] is False
     assert served_as(setup, "fallback") == fallbacks + len(PROMPTS)
     assert served_as(setup, "merged") > 0
+
+
+def make_dora_adapter(out_dir: Path, seed: int) -> Path:
+    """A DoRA adapter made on the real base (its magnitude vectors are the base's norms), with
+    lora_B scaled up so that its effect shows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False, use_dora=True,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.mul_(VISIBLE_SCALE)
+    model.save_pretrained(str(out_dir))
+    (out_dir / "README.md").unlink(missing_ok=True)
+    return out_dir
+
+
+def test_a_dora_adapter_is_merge_only_and_served_merged_as_peft_answers(setup: Setup) -> None:
+    for seed in range(400, 420):
+        directory = make_dora_adapter(setup.root / f"dora{seed}", seed)
+        refs = [
+            greedy_references(default_model_path(), [directory], prompt, MAX_TOKENS)[0]
+            for prompt in PROMPTS
+        ]
+        if all(r.min_margin >= MIN_MARGIN for r in refs):
+            break
+    else:
+        raise AssertionError("no DoRA adapter without near-ties in 20 seeds")
+    put = upload(setup.gateway, Adapter(directory, []), name="dora")
+    assert put.status_code == 201, put.text
+    assert put.json()["merge_only"] is True
+
+    # Not served hot-swapped: a clear 503 until an engine serves it merged.
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(setup, PROMPTS[0], model="dora")
+    assert caught.value.status_code == 503
+    assert "can only be served merged" in caught.value.message
+
+    assert admin(setup.gateway, "POST", "dora/merge").status_code == 200
+    engine = start_engine(
+        setup.root / "dora-engine", setup.env, setup.spare_port, "--merged", "acme/dora"
+    )
+    try:
+        wait_healthy(engine)
+        digest = put.json()["digest"]
+        wait_until(
+            "the DoRA merged engine seen by the gateway",
+            lambda: setup.engines()[engine.url]["merged"] == digest,
+            30,
+        )
+        answers = [ask(setup, prompt, model="dora") for prompt in PROMPTS]
+        assert answers == [r.text for r in refs]
+        assert any(a != b for a, b in zip(answers, setup.adapters[0].references, strict=True))
+    finally:
+        engine.stop()

@@ -201,9 +201,41 @@ def test_missing_peft_type_is_refused(adapter: Path) -> None:
     refused(adapter, "not_lora", CONFIG)
 
 
-def test_dora_config_is_refused(adapter: Path) -> None:
+def test_dora_config_without_magnitude_vectors_is_refused(adapter: Path) -> None:
     update_config(adapter, use_dora=True)
-    refused(adapter, "dora_unsupported", CONFIG)
+    refused(adapter, "incomplete_pair", MODEL)
+
+
+@pytest.fixture(scope="module")
+def dora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_peft_adapter(tmp_path_factory.mktemp("dora"), rank=8, seed=0, dora=True)
+
+
+def test_a_dora_adapter_is_accepted_as_merge_only(dora_adapter: Path) -> None:
+    info = validate(dora_adapter)
+    assert info.merge_only and info.rank == 8
+    assert set(info.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not validate(write_peft_adapter(dora_adapter.parent / "plain", seed=0)).merge_only
+
+
+def test_a_dora_magnitude_vector_of_the_wrong_shape_is_refused(
+    dora_adapter: Path, tmp_path: Path
+) -> None:
+    adapter = copy_adapter(dora_adapter, tmp_path / "a")
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    edit_tensors(adapter, {name: zeros((575,))})
+    assert "expected [576]" in refused(adapter, "bad_shape", MODEL)
+
+
+def test_a_magnitude_vector_without_use_dora_is_refused(dora_adapter: Path, tmp_path: Path) -> None:
+    adapter = copy_adapter(dora_adapter, tmp_path / "a")
+    update_config(adapter, use_dora=False)
+    refused(adapter, "unknown_tensor", MODEL)
+
+
+def test_use_dora_that_is_not_a_boolean_is_refused(adapter: Path) -> None:
+    update_config(adapter, use_dora="yes")
+    refused(adapter, "bad_config", CONFIG)
 
 
 def test_modules_to_save_is_refused(adapter: Path) -> None:
@@ -406,7 +438,7 @@ def test_wrong_layer_index_is_refused(adapter: Path) -> None:
         "base_model.model.model.embed_tokens.lora_embedding_A",
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A",  # vLLM needs `.weight`
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight",
         "base_model.model.model.layers.0.mlp.q_proj.lora_A.weight",
         "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight",
         "base_model.model.model.layers.00.self_attn.q_proj.lora_A.weight",
