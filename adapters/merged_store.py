@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.errors import AdapterNotFoundError, AdapterStoreError
-from adapters.s3_store import S3_ERRORS, head, join_key, s3_client, s3_error
+from adapters.s3_store import S3_ERRORS, head, join_key, s3_client, s3_error, store_errors
 from adapters.store import DIGEST, TMP_GRACE_S, fsync_dir
 from adapters.store_url import FileLocation, StoreLocation
 
@@ -311,7 +311,7 @@ class S3MergedArtifacts:
     def publish(self, key: str, src_dir: Path) -> None:
         if self.exists(key):
             return
-        try:
+        with store_errors(f"store merged model {key[:12]}"):
             manifest = verify_dir(src_dir, key)
             for name in manifest["files"]:
                 self._client.upload_file(str(src_dir / name), self._bucket, self._key(key, name))
@@ -319,26 +319,14 @@ class S3MergedArtifacts:
             self._client.upload_file(
                 str(src_dir / MERGED_MANIFEST), self._bucket, self._key(key, MERGED_MANIFEST)
             )
-        except S3_ERRORS as exc:
-            raise s3_error(f"store merged model {key[:12]}", exc) from exc
-        except OSError as exc:
-            raise AdapterStoreError(
-                f"could not store merged model {key[:12]}: {exc.strerror or type(exc).__name__}"
-            ) from exc
 
     def local_dir(self, key: str) -> Path:
         target = self._cache / checked_key(key)
         # A hit skips S3: the dir was checked against its manifest before it was published.
         if target.is_dir():
             return target
-        try:
+        with store_errors(f"fetch merged model {key[:12]}"):
             self._fetch(key, target)
-        except S3_ERRORS as exc:
-            raise s3_error(f"fetch merged model {key[:12]}", exc) from exc
-        except OSError as exc:
-            raise AdapterStoreError(
-                f"could not fetch merged model {key[:12]}: {exc.strerror or type(exc).__name__}"
-            ) from exc
         return target
 
     def delete(self, key: str) -> None:

@@ -242,12 +242,17 @@ class LocalAdapterRegistry:
                     f"the limit; delete one first",
                     code="too_many_adapters",
                 )
+        self._write_locked(tenant_dir, record, existing_sig)
+        return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
+
+    def _write_locked(
+        self, tenant_dir: Path, record: AdapterRecord, existing_sig: Signature | None
+    ) -> None:
         data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
         mtime_ns = next_mtime_ns(existing_sig, time.time_ns())  # see record_cache.Signature
         _write_atomic(tenant_dir, record.name + _RECORD_SUFFIX, data, mtime_ns)
         self._cache.drop(self._path(record.tenant, record.name))
         self._bump_generation()
-        return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
 
     def set_merged(
         self, tenant: str, name: str, digest: str, merged: tuple[MergedCopy, ...]
@@ -261,11 +266,7 @@ class LocalAdapterRegistry:
                 self._sweep_partial(tenant_dir)
                 existing, existing_sig = self._read(tenant_dir, name)
                 updated = merged_onto(existing, name, digest, merged)
-                data = json.dumps(updated.to_json(), indent=2, sort_keys=True).encode()
-                mtime_ns = next_mtime_ns(existing_sig, time.time_ns())
-                _write_atomic(tenant_dir, name + _RECORD_SUFFIX, data, mtime_ns)
-                self._cache.drop(self._path(tenant, name))
-                self._bump_generation()
+                self._write_locked(tenant_dir, updated, existing_sig)
                 return updated
         except OSError as exc:
             raise _io_error(f"save adapter {name!r}", exc) from exc

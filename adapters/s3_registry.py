@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -48,6 +48,7 @@ _LOST_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 # Deciding again after a lost race settles it (the winner's record is then read), unless the
 # name keeps changing; the counter is contended by every change, so it gets more tries.
 _RECORD_ATTEMPTS = 6
+_T = TypeVar("_T")
 _GENERATION_ATTEMPTS = 20
 _BACKOFF_S = 0.01
 _MAX_BACKOFF_S = 0.2
@@ -181,81 +182,78 @@ class S3AdapterRegistry:
         _checked_tenant(record.tenant)
         _checked_name(record.name)
         checked_digest(record.digest)
-        key = self._key(record.tenant, record.name)
-        data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
-        try:
-            for attempt in range(_RECORD_ATTEMPTS):
-                existing, etag = self._read(record.tenant, record.name)
-                if existing is not None and existing.digest == record.digest:
-                    return PutResult.UNCHANGED, existing
-                if existing is not None and not replace:
-                    raise AdapterConflictError(
-                        f"adapter {record.name!r} already holds different content; "
-                        "replace it explicitly",
-                        code="adapter_conflict",
-                        param="name",
-                    )
-                if existing is None:
-                    self._check_cap(record)
-                try:
-                    # Over a corrupt record too (etag set, existing None), as over any other.
-                    new_etag = self._write(key, data, etag)
-                except _LostRace:
-                    _backoff(attempt)
-                    continue
-                self._cache.store(key, new_etag, record)
-                self._bump_generation()
-                return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
-        except S3_ERRORS as exc:
-            raise s3_error(f"save adapter {record.name!r}", exc) from exc
-        raise AdapterStoreError(f"adapter {record.name!r} kept changing during the save; retry")
+
+        def attempt() -> tuple[PutResult, AdapterRecord]:
+            existing, etag = self._read(record.tenant, record.name)
+            if existing is not None and existing.digest == record.digest:
+                return PutResult.UNCHANGED, existing
+            if existing is not None and not replace:
+                raise AdapterConflictError(
+                    f"adapter {record.name!r} already holds different content; "
+                    "replace it explicitly",
+                    code="adapter_conflict",
+                    param="name",
+                )
+            if existing is None:
+                self._check_cap(record)
+            # Over a corrupt record too (etag set, existing None), as over any other.
+            self._write_record(record, etag)
+            return (PutResult.CREATED if existing is None else PutResult.REPLACED), record
+
+        return self._retrying(f"save adapter {record.name!r}", attempt)
 
     def set_merged(
         self, tenant: str, name: str, digest: str, merged: tuple[MergedCopy, ...]
     ) -> AdapterRecord:
         _checked_tenant(tenant)
         _checked_name(name)
-        key = self._key(tenant, name)
-        try:
-            for attempt in range(_RECORD_ATTEMPTS):
-                existing, etag = self._read(tenant, name)
-                updated = merged_onto(existing, name, digest, merged)
-                data = json.dumps(updated.to_json(), indent=2, sort_keys=True).encode()
-                try:
-                    new_etag = self._write(key, data, etag)
-                except _LostRace:
-                    _backoff(attempt)
-                    continue
-                self._cache.store(key, new_etag, updated)
-                self._bump_generation()
-                return updated
-        except S3_ERRORS as exc:
-            raise s3_error(f"save adapter {name!r}", exc) from exc
-        raise AdapterStoreError(f"adapter {name!r} kept changing during the save; retry")
+
+        def attempt() -> AdapterRecord:
+            existing, etag = self._read(tenant, name)
+            updated = merged_onto(existing, name, digest, merged)
+            self._write_record(updated, etag)
+            return updated
+
+        return self._retrying(f"save adapter {name!r}", attempt)
 
     def delete(self, tenant: str, name: str) -> AdapterRecord:
         _checked_tenant(tenant)
         _checked_name(name)
         key = self._key(tenant, name)
+
+        def attempt() -> AdapterRecord:
+            existing, etag = self._read(tenant, name)
+            if existing is None:
+                raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
+            # Only the version read goes, so the record returned is the one removed.
+            self._delete(key, etag if self._conditional_delete else None)
+            self._cache.drop(key)
+            self._bump_generation()
+            return existing
+
+        return self._retrying(f"delete adapter {name!r}", attempt)
+
+    def _retrying(self, action: str, attempt: Callable[[], _T]) -> _T:
+        """`attempt` (read a record, decide, write it conditionally) again while another
+        writer changes the record between its read and its write."""
         try:
-            for attempt in range(_RECORD_ATTEMPTS):
-                existing, etag = self._read(tenant, name)
-                if existing is None:
-                    raise AdapterNotFoundError(
-                        f"no adapter named {name!r}", code="adapter_not_found"
-                    )
+            for n in range(_RECORD_ATTEMPTS):
                 try:
-                    # Only the version read goes, so the record returned is the one removed.
-                    self._delete(key, etag if self._conditional_delete else None)
+                    return attempt()
                 except _LostRace:
-                    _backoff(attempt)
-                    continue
-                self._cache.drop(key)
-                self._bump_generation()
-                return existing
+                    _backoff(n)
         except S3_ERRORS as exc:
-            raise s3_error(f"delete adapter {name!r}", exc) from exc
-        raise AdapterStoreError(f"adapter {name!r} kept changing during the delete; retry")
+            raise s3_error(action, exc) from exc
+        raise AdapterStoreError(f"cannot {action}: it kept changing meanwhile; retry")
+
+    def _write_record(self, record: AdapterRecord, etag: str | None) -> None:
+        """Write `record` if its object is still at `etag` (None: if there is none), else
+        _LostRace."""
+        key = self._key(record.tenant, record.name)
+        data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
+        new_etag = self._write(key, data, etag)
+        self._cache.store(key, new_etag, record)
+        self._bump_generation()
 
     def referenced_digests(self) -> set[str]:
         try:

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,20 @@ def error_code(exc: Exception) -> str:
 
 def is_missing(exc: Exception) -> bool:
     return error_code(exc) in _MISSING_CODES
+
+
+@contextlib.contextmanager
+def store_errors(action: str) -> Iterator[None]:
+    """S3 and local file errors met while doing `action` (e.g. "fetch adapter 1a2b"), as the
+    AdapterStoreError that names it."""
+    try:
+        yield
+    except S3_ERRORS as exc:
+        raise s3_error(action, exc) from exc
+    except OSError as exc:
+        raise AdapterStoreError(
+            f"could not {action}: {exc.strerror or type(exc).__name__}"
+        ) from exc
 
 
 def s3_error(action: str, exc: Exception) -> AdapterStoreError:
@@ -155,7 +170,7 @@ class S3AdapterStore:
 
     def put(self, digest: str, config_bytes: bytes, weights_path: Path) -> bool:
         checked_digest(digest)
-        try:
+        with store_errors(f"store adapter {digest[:12]}"):
             if head(self._client, self._bucket, self._key(digest, MARKER)) is not None:
                 # Re-marked first, so its age restarts before anything else: another replica's
                 # sweep spares it for ORPHAN_GRACE_S, long enough for our caller's record.
@@ -172,12 +187,6 @@ class S3AdapterStore:
             )  # fmt: skip
             self._mark(digest)  # last: the blob exists from here on
             return True
-        except S3_ERRORS as exc:
-            raise s3_error(f"store adapter {digest[:12]}", exc) from exc
-        except OSError as exc:
-            raise AdapterStoreError(
-                f"could not store adapter {digest[:12]}: {exc.strerror or exc}"
-            ) from exc
 
     def local_dir(self, digest: str) -> Path:
         target = self._cache / checked_digest(digest)
@@ -190,14 +199,8 @@ class S3AdapterStore:
             pass
         except OSError as exc:
             raise AdapterStoreError(f"cannot use the adapter cache: {exc.strerror}") from exc
-        try:
+        with store_errors(f"fetch adapter {digest[:12]}"):
             self._fetch(digest, target)
-        except S3_ERRORS as exc:
-            raise s3_error(f"fetch adapter {digest[:12]}", exc) from exc
-        except OSError as exc:
-            raise AdapterStoreError(
-                f"could not fetch adapter {digest[:12]}: {exc.strerror or exc}"
-            ) from exc
         self._evict(keep=digest)
         return target
 

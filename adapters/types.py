@@ -32,6 +32,10 @@ class BaseModelSpec:
     projections: dict[str, tuple[int, int]]
     # where each projection lives inside a decoder layer, e.g. "q_proj" -> "self_attn"
     parents: dict[str, str]
+    # the embedding and LM head shape (vocab_size, hidden_size): what a modules_to_save copy of
+    # either must have; (0, 0) where unknown (such adapters are then refused)
+    vocab_size: int = 0
+    hidden_size: int = 0
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> BaseModelSpec:
@@ -52,7 +56,10 @@ class BaseModelSpec:
         }
         parents = {n: "self_attn" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
         parents |= {n: "mlp" for n in ("gate_proj", "up_proj", "down_proj")}
-        return cls(int(config["num_hidden_layers"]), projections, parents)
+        return cls(
+            int(config["num_hidden_layers"]), projections, parents,
+            vocab_size=int(config.get("vocab_size") or 0), hidden_size=hidden,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ class AdapterInfo:
     alpha: float
     target_modules: tuple[str, ...]
     size_bytes: int  # both files together
-    # Only a merged engine can serve it (DoRA: vLLM's hot-swap path refuses it, PEFT merges it).
+    # Only a merged engine can serve it (DoRA, modules_to_save: vLLM's hot-swap path refuses
+    # them, PEFT merges them).
     merge_only: bool = False
 
 

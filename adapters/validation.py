@@ -36,17 +36,20 @@ _TENSOR_NAME = re.compile(
 )
 _NAME_FORM = "base_model.model.model.layers.<i>.<self_attn|mlp>.<projection>.lora_<A|B>.weight"
 _MAGNITUDE = "M"
+# modules_to_save a merge can take: a full trained copy of the module, (vocab, hidden) each.
+# PEFT saves the copy under the module's own weight name.
+_SAVED_MODULE_TENSORS = {
+    "lm_head": "base_model.model.lm_head.weight",
+    "embed_tokens": "base_model.model.model.embed_tokens.weight",
+}
 
 # Config keys that must be empty or false. vLLM itself refuses DoRA, modules_to_save, lora_bias,
 # layer_replication, aLoRA, QALoRA and BD-LoRA; the others change what the adapter computes
 # (transposed weights, base-weight surgery, routing, extra tensors) or give per-module ranks and
 # layer subsets that the shape checks below do not model.
-# DoRA (use_dora) is accepted as merge-only: vLLM cannot hot-swap it, PEFT can merge it.
+# DoRA (use_dora) and modules_to_save of the embedding or LM head are accepted as merge-only:
+# vLLM cannot hot-swap them, PEFT can merge them.
 _MUST_BE_UNSET: dict[str, tuple[str, str]] = {
-    "modules_to_save": (
-        "modules_to_save_unsupported",
-        "modules_to_save (full copies of base-model modules) is not supported",
-    ),
     "fan_in_fan_out": ("unsupported_feature", "fan_in_fan_out (transposed weights)"),
     "lora_bias": ("unsupported_feature", "LoRA bias (lora_bias)"),
     "layers_to_transform": ("unsupported_feature", "layers_to_transform"),
@@ -83,6 +86,11 @@ class _LoraConfig:
     alpha: float
     targets: frozenset[str]
     dora: bool = False  # merge-only: served through a merged engine alone
+    saved_modules: frozenset[str] = frozenset()  # modules_to_save: merge-only too
+
+    @property
+    def merge_only(self) -> bool:
+        return self.dora or bool(self.saved_modules)
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ def validate_adapter(
         alpha=config.alpha,
         target_modules=present,
         size_bytes=len(config_bytes) + weights_size,
-        merge_only=config.dora,
+        merge_only=config.merge_only,
     )
 
 
@@ -201,7 +209,33 @@ def _parse_config(
     dora = raw.get("use_dora", False)
     if not isinstance(dora, bool):
         _refuse(CONFIG_FIELD, "bad_config", f"use_dora is {_show(dora)}: not true or false")
-    return _LoraConfig(rank, alpha, targets, dora)
+    saved = _check_modules_to_save(raw.get("modules_to_save"), base)
+    return _LoraConfig(rank, alpha, targets, dora, saved)
+
+
+def _check_modules_to_save(value: Any, base: BaseModelSpec) -> frozenset[str]:
+    if value is None or value == []:
+        return frozenset()
+    supported = " and ".join(_SAVED_MODULE_TENSORS)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _refuse(
+            CONFIG_FIELD, "bad_config", f"modules_to_save is {_show(value)}: not a list of names"
+        )
+    other = next((v for v in value if v not in _SAVED_MODULE_TENSORS), None)
+    if other is not None:
+        _refuse(
+            CONFIG_FIELD,
+            "modules_to_save_unsupported",
+            f"modules_to_save names {_show(other)}: only {supported} can be saved modules "
+            "(adapter_config has modules_to_save=" + _show(value) + ")",
+        )
+    if not base.vocab_size:
+        _refuse(
+            CONFIG_FIELD,
+            "modules_to_save_unsupported",
+            "modules_to_save cannot be checked: the base model's vocab_size is unknown",
+        )
+    return frozenset(value)
 
 
 def _check_rank(value: Any, max_rank: int) -> int:
@@ -382,7 +416,12 @@ def _check_tensors(
 ) -> tuple[str, ...]:
     pairs: dict[tuple[int, str], dict[str, _Tensor]] = {}
     unknown: list[tuple[str, str]] = []
+    saved_names = {name: module for module, name in _SAVED_MODULE_TENSORS.items()}
+    saved: set[str] = set()
     for tensor in tensors:
+        if tensor.name in saved_names:
+            saved.add(_check_saved_module(tensor, saved_names[tensor.name], config, base))
+            continue
         located = _locate(tensor.name, base)
         if isinstance(located, str):
             unknown.append((tensor.name, located))
@@ -403,7 +442,34 @@ def _check_tensors(
         _refuse(WEIGHTS_FIELD, "unknown_tensor", f"tensor {_show(name)}: {why}")
     for (layer, projection), pair in sorted(pairs.items()):
         _check_pair(layer, projection, pair, config, base)
+    for module in sorted(config.saved_modules - saved):
+        _refuse(
+            WEIGHTS_FIELD,
+            "incomplete_pair",
+            f"modules_to_save lists {module}, but there is no {_SAVED_MODULE_TENSORS[module]}",
+        )
     return tuple(sorted({projection for _, projection in pairs}))
+
+
+def _check_saved_module(
+    tensor: _Tensor, module: str, config: _LoraConfig, base: BaseModelSpec
+) -> str:
+    if module not in config.saved_modules:
+        _refuse(
+            WEIGHTS_FIELD,
+            "unknown_tensor",
+            f"tensor {_show(tensor.name)} is a saved copy of {module}, but adapter_config's "
+            "modules_to_save does not list it",
+        )
+    expected = (base.vocab_size, base.hidden_size)
+    if tensor.shape != expected:
+        _refuse(
+            WEIGHTS_FIELD,
+            "bad_shape",
+            f"tensor {_show(tensor.name)} has shape {list(tensor.shape)}, expected "
+            f"{list(expected)} (the base model's vocab_size × hidden_size)",
+        )
+    return module
 
 
 def _locate(name: str, base: BaseModelSpec) -> tuple[int, str, str] | str:

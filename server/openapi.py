@@ -119,7 +119,9 @@ class AdapterRecord(BaseModel):
     size_bytes: int
     created_at: str  # ISO 8601, UTC
     merged: list[MergedCopy]  # the merged copies it was promoted to (`adapters merge`)
-    merge_only: bool  # DoRA: served only by a merged engine (`adapters merge`, then --merged)
+    # DoRA or modules_to_save: served only by a merged engine (`adapters merge`, then
+    # `loragate engine --merged`)
+    merge_only: bool
 
 
 class EngineState(BaseModel):

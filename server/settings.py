@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.store_url import parse_store_url
+from server.engines.dtype import check_quantized_dtype
 from server.model_prepare import DEFAULT_MODEL_NAME
 
 
@@ -31,8 +32,20 @@ def default_cache_dir() -> Path:
 
 class ModelSettings(BaseModel):
     name: str = Field(DEFAULT_MODEL_NAME, min_length=1, max_length=128)
-    # Defaults to <cache_dir>/models/<name>, built by `loragate model prepare`.
+    # The dir the engine serves. Unset: <cache_dir>/models/<name>, or with `quantization`
+    # <cache_dir>/models/<name>-<quantization>, both built by `loragate model prepare`. Set, it
+    # is served as it is and must hold what `quantization` says (a quantized dir when set).
     path: Path | None = None
+    # `w4a16`: serve the int4-weight copy `loragate model prepare --quantize w4a16` builds
+    # beside the full-precision model (docs/quantization.md). It needs 16-bit activations:
+    # bfloat16 on vLLM's CPU build, and a CPU with AVX512-BF16 or AMX.
+    quantization: Literal["none", "w4a16"] = "none"
+    # The Python that runs the quantizer (llmcompressor); unset: <cache_dir>/quantize-venv,
+    # which `loragate model prepare --quantize` creates on first use.
+    quantize_python: Path | None = None
+    # Bounds each step of `model prepare --quantize`: the venv's pip install, then the
+    # quantizer (about 4 minutes for the default model on 2 cores).
+    quantize_timeout_s: float = Field(1800, gt=0, le=86400)
     max_model_len: int = Field(2048, ge=64, le=1_048_576)
     # Names the weights in result-cache keys; defaults to the digest in the manifest that
     # `loragate model prepare` writes. Set it when serving weights loragate did not build.
@@ -255,7 +268,20 @@ class Settings(BaseSettings):
 
     @property
     def model_path(self) -> Path:
-        return self.model.path or self.cache_dir / "models" / self.model.name
+        """The dir the engine serves: `model.path`, or the one `model prepare` builds."""
+        return self.model_dir(self.model.quantization)
+
+    def model_dir(self, quantization: str) -> Path:
+        """Where the base model is, full precision (`none`) or quantized: `model.path` when it
+        names that form, else under the cache dir, the quantized dir beside the other."""
+        model = self.model
+        if model.path is not None and model.quantization == quantization:
+            return model.path
+        if model.path is not None and model.quantization == "none":
+            full = model.path
+        else:
+            full = self.cache_dir / "models" / model.name
+        return full if quantization == "none" else full.with_name(f"{full.name}-{quantization}")
 
     @property
     def store_path(self) -> Path:
@@ -284,4 +310,7 @@ class Settings(BaseSettings):
             )
         if self.engine.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"engine.max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        if self.engine.kind == "vllm" and not self.engine.pool_urls():
+            # Before anything starts: a quantized base the engine cannot run fails here, once.
+            check_quantized_dtype(self.engine.dtype, self.model.quantization)
         return self

@@ -92,25 +92,35 @@ def cache_key(
 
 
 def base_revision(settings: Settings) -> str:
-    """The base model's name and weights revision, as it enters every cache key."""
+    """The base model's name and weights revision, as it enters every cache key (and a merged
+    copy's): `<name>@<revision>`, or `<name>-<quantization>@<revision>` for a quantized base,
+    so full-precision and quantized weights never share a key, whatever the revision says."""
     model = settings.model
+    name = model.name if model.quantization == "none" else f"{model.name}-{model.quantization}"
     if model.revision:
-        return f"{model.name}@{model.revision}"
-    digest = _manifest_digest(settings.model_path / MANIFEST)
+        return f"{name}@{model.revision}"
+    digest = _manifest_digest(settings.model_path / MANIFEST, model.quantization)
     if digest is None:
         logger.warning(
             "no model manifest in %s and no LORAGATE_MODEL__REVISION: cache keys name the base "
             "model by name only; set the revision so new weights never hit old results",
             settings.model_path,
         )
-        return f"{model.name}@unversioned"
-    return f"{model.name}@{digest}"
+        return f"{name}@unversioned"
+    return f"{name}@{digest}"
 
 
-def _manifest_digest(path: Path) -> str | None:
+def _manifest_digest(path: Path, quantization: str) -> str | None:
     try:
-        files = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        scheme = manifest.get("scheme", "none")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if scheme != quantization:
+        logger.warning(
+            "%s says the weights are %s, LORAGATE_MODEL__QUANTIZATION says %s", path, scheme,
+            quantization,
+        )  # fmt: skip
     canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

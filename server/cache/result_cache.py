@@ -144,20 +144,29 @@ class ResultCache:
         deadline = loop.time() + self._wait_s
         if probed is not None and probed.claimed:
             return None, self._lead(key, claimed=True)
-        while (leader := self._flights.get(key)) is not None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    value = await asyncio.shield(leader)
-            except TimeoutError:
-                return None, None
+        while True:
+            while (leader := self._flights.get(key)) is not None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        value = await asyncio.shield(leader)
+                except TimeoutError:
+                    return None, None
+                if value is not None:
+                    self._metrics.cache_coalesced.labels("local").inc()
+                    return value, None
+                # The leader failed or was cancelled: try to lead.
+            if probed is None or not probed.own_claim:
+                break
+            # This replica's claim, and no request here computes the key any more: its leader
+            # has finished since the probe (its value is stored by now), or failed to drop the
+            # claim. Never wait on that claim; look once more before computing.
+            value, _ = await self._get(key)
             if value is not None:
                 self._metrics.cache_coalesced.labels("local").inc()
                 return value, None
-            # The leader failed or was cancelled: try to lead.
-        if probed is not None and probed.own_claim:
-            # This replica's claim, and no request here computes the key any more: its leader
-            # failed to drop it (or just has). Never wait on it.
-            return None, self._lead(key, claimed=True)
+            if key not in self._flights:
+                return None, self._lead(key, claimed=True)
+            # Another request here took the lead during the look: follow it.
         flight = self._lead(key, claimed=False)
         try:
             if probed is None:

@@ -31,8 +31,7 @@ def engine_argv(
         served = None if merged is None else (merged.directory, merged.served_name)
         return vllm_argv(settings, port, host, merged=served)
     if merged is not None:
-        return fake_argv(settings.model_copy(update={"model": settings.model.model_copy(
-            update={"name": merged.served_name})}), port, host)  # fmt: skip
+        return fake_argv(settings, port, host, served_name=merged.served_name)
     return [*fake_argv(settings, port, host), "--resolve-adapters"]
 
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import inspect
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ import time
 import uuid
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,42 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> bool:
+    """Run `work` unless the client disconnects first (then cancel it and return False), as
+    vLLM's `with_cancellation` aborts a non-streamed request whose client went away."""
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its error, if it failed
+    return True
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body when the response ends, a client disconnect included: Starlette then
+    cancels the send loop and leaves the generator suspended until it is garbage collected,
+    so its `finally` (the in-flight count) would run late, long after vLLM aborts a request."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            if inspect.isasyncgen(body):
+                await body.aclose()
+
+
 async def _counted(
     events: AsyncIterator[bytes], stats: FakeEngineStats, model: str
 ) -> AsyncIterator[bytes]:
@@ -451,8 +488,11 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
             if capacity is not None:
                 ticks = _modelled_ticks(knobs, capacity, adapter, body, len(tokens))
             events = _stream(body, tokens, ticks)
-            return StreamingResponse(_counted(events, stats, model), media_type="text/event-stream")
-        try:
+            return _ClosingStreamingResponse(
+                _counted(events, stats, model), media_type="text/event-stream"
+            )
+
+        async def compute() -> None:
             if capacity is not None:
                 ticks = _modelled_ticks(knobs, capacity, adapter, body, len(tokens))
                 async with contextlib.aclosing(ticks):
@@ -460,6 +500,10 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
                         pass
             else:
                 await asyncio.sleep(knobs.ttft_s + knobs.token_interval_s * max(len(tokens) - 1, 0))
+
+        try:
+            if not await _unless_disconnected(request, compute()):
+                return PlainTextResponse("client disconnected", status_code=499)
         finally:
             stats.in_flight[model] -= 1
         chat = "messages" in body

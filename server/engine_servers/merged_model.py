@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import AdapterError
-from adapters.merged_store import open_merged_artifacts
-from adapters.store_url import parse_store_url
 from adapters.types import AdapterRecord
-from server.app import open_adapter_store
+from server.adapter_setup import open_adapter_store, open_merged_store
 from server.cache.policy import base_revision
 from server.engines.adapter_slots import merged_engine_name
 from server.engines.process import EngineStartError
@@ -60,9 +58,7 @@ def resolve_merged_model(settings: Settings, spec: str) -> MergedModel:
             f"adapter {spec} (version {record.digest[:12]}) has no merged copy for the base "
             f"{revision}: run `loragate adapters merge --tenant {tenant} {name}` first"
         )
-    artifacts = open_merged_artifacts(
-        parse_store_url(settings.store_location), cache_dir=settings.cache_dir / "store-cache"
-    )
+    artifacts = open_merged_store(settings)
     try:
         directory = artifacts.local_dir(copy.key)
         verify_merged_dir(directory)

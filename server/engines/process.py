@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,7 +35,38 @@ class EngineStartError(RuntimeError):
     """The local engine exited or did not become healthy in time."""
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORT_TRIES = 64
+
+
+def _below_ephemeral_range() -> range | None:
+    """Ports the kernel never hands out on its own (below its ephemeral range), or None where
+    the range cannot be read."""
+    try:
+        low = int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(max(1024, low - 16384), low) if low > 2048 else None
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_loopback_port() -> int:
+    """A loopback port free now, for an engine that binds it seconds later (vLLM takes ~6 s to
+    get there). Taken from below the kernel's ephemeral range: an ephemeral port can be handed
+    to any outgoing connection (or a `bind(0)`) meanwhile, and the engine then fails to start."""
+    ports = _below_ephemeral_range()
+    if ports is not None:
+        for port in random.sample(ports, min(PORT_TRIES, len(ports))):
+            if _binds(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -69,7 +101,10 @@ def vllm_argv(
         "--host", host,
         "--port", str(port),
         "--max-model-len", str(settings.model.max_model_len),
-        "--dtype", resolve_dtype(e.dtype),
+        # A merged copy is full precision, whatever base the gateways serve.
+        "--dtype", resolve_dtype(
+            e.dtype, quantization="none" if merged else settings.model.quantization
+        ),
         "--gpu-memory-utilization", str(e.gpu_memory_utilization),
         *(lora_args if merged is None else []),
         "--disable-uvicorn-access-log",
@@ -81,10 +116,14 @@ def vllm_argv(
     ]  # fmt: skip
 
 
-def fake_argv(settings: Settings, port: int, host: str = "127.0.0.1") -> list[str]:
+def fake_argv(
+    settings: Settings, port: int, host: str = "127.0.0.1", *, served_name: str | None = None
+) -> list[str]:
+    """The fake engine serving the base model's name, or `served_name` (a merged copy's)."""
     return [
         sys.executable, "-m", "server.engine_servers.fake_engine", "--host", host,
-        "--port", str(port), "--model", settings.model.name, *settings.engine.extra_args,
+        "--port", str(port), "--model", served_name or settings.model.name,
+        *settings.engine.extra_args,
     ]  # fmt: skip
 
 

@@ -448,7 +448,8 @@ class ModelCard(BaseModel):
     root: str | None = None  # as vLLM's: clients (vLLM's benchmark) read data[0]["root"]
     parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
-    # An adapter only a merged engine serves (DoRA): 503 while none is up. Not vLLM's.
+    # An adapter only a merged engine serves (DoRA, modules_to_save): 503 while none is up.
+    # Not vLLM's.
     merge_only: bool | None = None
 
     @model_validator(mode="after")

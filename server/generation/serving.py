@@ -268,9 +268,10 @@ class GenerationService:
         merged_only = adapter is not None and adapter.merge_only
         if merged_only and digest is not None and not self._pool.serves_merged(digest):
             raise EngineUnavailableError(
-                f"the adapter {job.target.public_name!r} can only be served merged (DoRA), and "
-                "no engine serving it merged is up: promote it (`loragate adapters merge`) and "
-                "start `loragate engine --merged` for it",
+                f"the adapter {job.target.public_name!r} can only be served merged (it uses "
+                "DoRA or modules_to_save, which hot-swapping cannot serve), and no engine "
+                "serving it merged is up: promote it (`loragate adapters merge`) and start "
+                "`loragate engine --merged` for it",
                 code="merged_engine_unavailable",
             )
         tried: list[str] = []

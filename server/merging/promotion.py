@@ -63,6 +63,7 @@ class PromotionService:
         staging_dir: Path,
         *,
         timeout_s: float = 900,
+        quantized: bool = False,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -71,6 +72,7 @@ class PromotionService:
         self._revision = base_revision
         self._staging = staging_dir
         self._timeout_s = timeout_s
+        self._quantized = quantized
         self._one_at_a_time = asyncio.Lock()
 
     async def merge(self, tenant: str, name: str) -> AdapterRecord:
@@ -78,6 +80,13 @@ class PromotionService:
             raise MergeUnavailableError(
                 "this gateway cannot build merged models (no PyTorch and PEFT here): run "
                 "`loragate adapters merge` against a gateway that has them"
+            )
+        if self._quantized:
+            # Its copies would be keyed by the quantized base's revision but built from full
+            # precision weights: not built for that yet.
+            raise MergeUnavailableError(
+                "this gateway serves a quantized base (LORAGATE_MODEL__QUANTIZATION): merging "
+                "onto it is not supported yet; merge on a gateway serving the full-precision base"
             )
         async with self._one_at_a_time:
             return await asyncio.to_thread(self._merge, tenant, name)
@@ -130,5 +139,5 @@ class PromotionService:
     def _current(self, tenant: str, name: str) -> AdapterRecord:
         record = self._registry.get(tenant, name)
         if record is None:
-            raise AdapterNotFoundError(f"no adapter named {name!r}", code="adapter_not_found")
+            raise AdapterNotFoundError(f"adapter `{name}` does not exist", param="name")
         return record

@@ -129,7 +129,7 @@ async def merge_adapter(
     store the merged model and record it on the adapter, for `loragate engine --merged` to
     serve. Takes as long as the merge (about 20 s for the default model); merging an adapter
     already merged answers at once."""
-    await services.admin.get(tenant, name)  # the tenant and name checks, and its 404
+    services.admin.check_names(tenant, name)
     return (await services.promotion.merge(tenant, name)).to_json()
 
 
@@ -138,5 +138,5 @@ async def demote_adapter(
     tenant: str, name: str, _: AdminDep, services: ServicesDep
 ) -> dict[str, Any]:
     """Undo a promotion: the adapter is served hot-swapped only, from the next request on."""
-    await services.admin.get(tenant, name)
+    services.admin.check_names(tenant, name)
     return (await services.promotion.demote(tenant, name)).to_json()

@@ -302,11 +302,18 @@ def test_one_adapter_loads_once_and_two_hot_ones_go_to_different_engines(fleet: 
 def test_an_engine_killed_mid_run_fails_no_plain_request_and_comes_back(fleet: Fleet) -> None:
     a, b = fleet.gateways
     victim, survivor = fleet.engines
+    # Both engines in rotation and idle first (the test before leaves them busy a moment).
+    wait_until(
+        "both engines ready and idle",
+        lambda: all(e["ready"] and e["running"] == 0 for e in engines_view(a).values()),
+        60,
+    )
     # Base-model streams, long enough to be running at the kill: each goes to the least loaded
     # engine, so both hold some.
     streams = [open_stream(a, BASE_MODEL, 600) for _ in range(4)]
-    on_victim = engines_view(a)[victim.name]["running"]
-    assert 1 <= on_victim <= 3
+    view = engines_view(a)
+    on_victim = view[victim.name]["running"]
+    assert 1 <= on_victim <= 3, (view, a.log())
     statuses: list[int] = []
     stop = threading.Event()
 

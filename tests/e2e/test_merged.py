@@ -256,9 +256,10 @@ def test_stopping_the_merged_engine_falls_back_to_hot_swap_with_no_failed_reques
     assert served_as(setup, "merged") > 0
 
 
-def make_dora_adapter(out_dir: Path, seed: int) -> Path:
-    """A DoRA adapter made on the real base (its magnitude vectors are the base's norms), with
-    lora_B scaled up so that its effect shows."""
+def make_merge_only_adapter(out_dir: Path, seed: int, kind: str) -> Path:
+    """An adapter hot-swapping cannot serve, made on the real base, with an effect that shows:
+    `dora` (its magnitude vectors are the base's norms; lora_B scaled up), or
+    `modules_to_save` (a trained copy of the LM head: the base's, plus seeded noise)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -266,23 +267,30 @@ def make_dora_adapter(out_dir: Path, seed: int) -> Path:
     base = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
     config = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        init_lora_weights=False, use_dora=True,
+        init_lora_weights=False, use_dora=kind == "dora",
+        modules_to_save=["lm_head"] if kind == "modules_to_save" else None,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.mul_(VISIBLE_SCALE)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name and kind == "dora":
+                    param.mul_(VISIBLE_SCALE)
+                if ".modules_to_save." in name:
+                    param.add_(torch.randn_like(param) * 0.01)
     model.save_pretrained(str(out_dir))
     (out_dir / "README.md").unlink(missing_ok=True)
     return out_dir
 
 
-def test_a_dora_adapter_is_merge_only_and_served_merged_as_peft_answers(setup: Setup) -> None:
+@pytest.mark.parametrize("kind", ["dora", "modules_to_save"])
+def test_a_merge_only_adapter_is_refused_hot_swapped_and_served_merged_as_peft_answers(
+    setup: Setup, kind: str
+) -> None:
+    name = kind.replace("_", "-")
     for seed in range(400, 420):
-        directory = make_dora_adapter(setup.root / f"dora{seed}", seed)
+        directory = make_merge_only_adapter(setup.root / f"{name}{seed}", seed, kind)
         refs = [
             greedy_references(default_model_path(), [directory], prompt, MAX_TOKENS)[0]
             for prompt in PROMPTS
@@ -290,30 +298,30 @@ def test_a_dora_adapter_is_merge_only_and_served_merged_as_peft_answers(setup: S
         if all(r.min_margin >= MIN_MARGIN for r in refs):
             break
     else:
-        raise AssertionError("no DoRA adapter without near-ties in 20 seeds")
-    put = upload(setup.gateway, Adapter(directory, []), name="dora")
+        raise AssertionError(f"no {kind} adapter without near-ties in 20 seeds")
+    put = upload(setup.gateway, Adapter(directory, []), name=name)
     assert put.status_code == 201, put.text
     assert put.json()["merge_only"] is True
 
     # Not served hot-swapped: a clear 503 until an engine serves it merged.
     with pytest.raises(openai.APIStatusError) as caught:
-        ask(setup, PROMPTS[0], model="dora")
+        ask(setup, PROMPTS[0], model=name)
     assert caught.value.status_code == 503
     assert "can only be served merged" in caught.value.message
 
-    assert admin(setup.gateway, "POST", "dora/merge").status_code == 200
+    assert admin(setup.gateway, "POST", f"{name}/merge").status_code == 200
     engine = start_engine(
-        setup.root / "dora-engine", setup.env, setup.spare_port, "--merged", "acme/dora"
+        setup.root / f"{name}-engine", setup.env, setup.spare_port, "--merged", f"acme/{name}"
     )
     try:
         wait_healthy(engine)
         digest = put.json()["digest"]
         wait_until(
-            "the DoRA merged engine seen by the gateway",
+            f"the {kind} merged engine seen by the gateway",
             lambda: setup.engines()[engine.url]["merged"] == digest,
             30,
         )
-        answers = [ask(setup, prompt, model="dora") for prompt in PROMPTS]
+        answers = [ask(setup, prompt, model=name) for prompt in PROMPTS]
         assert answers == [r.text for r in refs]
         assert any(a != b for a, b in zip(answers, setup.adapters[0].references, strict=True))
     finally:

@@ -6,6 +6,7 @@ import hashlib
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +239,62 @@ def test_use_dora_that_is_not_a_boolean_is_refused(adapter: Path) -> None:
     refused(adapter, "bad_config", CONFIG)
 
 
-def test_modules_to_save_is_refused(adapter: Path) -> None:
-    update_config(adapter, modules_to_save=["lm_head"])
-    refused(adapter, "modules_to_save_unsupported", CONFIG)
+LM_HEAD = "base_model.model.lm_head.weight"
+EMBED_TOKENS = "base_model.model.model.embed_tokens.weight"
+VOCAB_BY_HIDDEN = (49152, 576)  # SmolLM2's
+
+
+def with_saved_modules(adapter: Path, tensors: dict[str, tuple[int, ...]], *listed: str) -> Path:
+    update_config(adapter, modules_to_save=list(listed))
+    edit_tensors(adapter, {name: zeros(shape, "BF16") for name, shape in tensors.items()})
+    return adapter
+
+
+def test_modules_to_save_of_the_lm_head_and_embedding_is_merge_only(adapter: Path) -> None:
+    assert not validate(adapter).merge_only
+    saved = {LM_HEAD: VOCAB_BY_HIDDEN, EMBED_TOKENS: VOCAB_BY_HIDDEN}
+    info = validate(with_saved_modules(adapter, saved, "lm_head", "embed_tokens"))
+    assert info.merge_only
+    assert info.target_modules == tuple(sorted(ATTENTION))
+
+
+@pytest.mark.parametrize("module", ["norm", "model.layers.0.mlp", "classifier", "score"])
+def test_modules_to_save_of_other_modules_is_refused(adapter: Path, module: str) -> None:
+    update_config(adapter, modules_to_save=[module])
+    message = refused(adapter, "modules_to_save_unsupported", CONFIG)
+    assert "lm_head and embed_tokens" in message
+
+
+@pytest.mark.parametrize("value", ["lm_head", [1], {"lm_head": 1}])
+def test_modules_to_save_that_is_not_a_list_of_names_is_refused(adapter: Path, value: Any) -> None:
+    update_config(adapter, modules_to_save=value)
+    refused(adapter, "bad_config", CONFIG)
+
+
+def test_a_saved_module_of_the_wrong_shape_is_refused(adapter: Path) -> None:
+    with_saved_modules(adapter, {LM_HEAD: (64, 576)}, "lm_head")
+    assert "vocab_size × hidden_size" in refused(adapter, "bad_shape", MODEL)
+
+
+def test_a_listed_module_without_its_tensor_is_refused(adapter: Path) -> None:
+    with_saved_modules(adapter, {LM_HEAD: VOCAB_BY_HIDDEN}, "lm_head", "embed_tokens")
+    assert "embed_tokens" in refused(adapter, "incomplete_pair", MODEL)
+
+
+def test_a_saved_module_tensor_not_listed_in_the_config_is_refused(adapter: Path) -> None:
+    with_saved_modules(
+        adapter, {LM_HEAD: VOCAB_BY_HIDDEN, EMBED_TOKENS: VOCAB_BY_HIDDEN}, "lm_head"
+    )
+    assert "does not list it" in refused(adapter, "unknown_tensor", MODEL)
+
+
+def test_modules_to_save_against_a_base_of_unknown_vocabulary_is_refused(adapter: Path) -> None:
+    with_saved_modules(adapter, {LM_HEAD: VOCAB_BY_HIDDEN}, "lm_head")
+    config = (adapter / CONFIG_FILE).read_bytes()
+    unknown = replace(base_spec(), vocab_size=0)
+    with pytest.raises(AdapterRejectedError) as caught:
+        validate_adapter(config, adapter / WEIGHTS_FILE, unknown, LIMITS)
+    assert caught.value.code == "modules_to_save_unsupported"
 
 
 def test_bias_is_refused(adapter: Path) -> None:

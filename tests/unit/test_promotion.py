@@ -120,3 +120,16 @@ async def test_without_pytorch_a_merge_is_refused_with_501(
     with pytest.raises(MergeUnavailableError) as caught:
         await service[0].merge("acme", "hot")
     assert caught.value.status_code == 501 and caught.value.code == "merge_unavailable"
+
+
+async def test_on_a_quantized_base_a_merge_is_refused_with_501(
+    tmp_path: Path, models: tuple[Path, Path]
+) -> None:
+    store, registry = LocalAdapterStore(tmp_path), LocalAdapterRegistry(tmp_path)
+    promotion = PromotionService(
+        registry, store, LocalMergedArtifacts(tmp_path), models[0], REVISION,
+        tmp_path / "merges", quantized=True,
+    )  # fmt: skip
+    with pytest.raises(MergeUnavailableError) as caught:
+        await promotion.merge("acme", "hot")
+    assert caught.value.status_code == 501 and "quantized base" in caught.value.message
