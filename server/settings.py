@@ -102,6 +102,9 @@ class EngineSettings(BaseModel):
     # How often a ready engine's /metrics is read for its own running and waiting counts
     # (loragate_engine_reported_requests, part of the autoscalers' queue signal).
     load_poll_s: float = Field(5, ge=1, le=3600)
+    # How often `loragate engine --merged` reads its adapter's record: it stops serving a
+    # replaced, demoted or deleted version, and starts on a new merged copy, within this.
+    merged_poll_s: float = Field(5, ge=0.2, le=3600)
     request_timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(2, gt=0)
 

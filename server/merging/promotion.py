@@ -9,7 +9,8 @@ record is left alone (409), so a merged copy is never attached to another versio
 one at a time per gateway (each holds a full-precision copy of the base in memory).
 
 Demoting removes the copies from the record: gateways stop routing to merged engines at once
-(they route by the record), and the engines serving them serve nobody. The stored copy stays
+(they route by the record), and the engines serving them stop within their poll
+(`server.engine_servers.merged_model`). The stored copy stays
 until the store's sweep: another tenant's identical adapter may share it.
 """
 

@@ -3,8 +3,9 @@ swapped) and a real vLLM merged engine (`loragate engine --merged`), sharing a f
 
 The merged engine's greedy answers equal transformers+PEFT with the unmerged adapter; the same
 name through the hot-swap path answers the same; a replaced adapter is never sent to the merged
-copy of its old version; stopping the merged engine falls back to hot-swap with no failed
-request.
+copy of its old version, which the merged engine then retires by itself (and serves the adapter
+again once its current version is promoted); stopping the merged engine falls back to hot-swap
+with no failed request.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "LORAGATE_ENGINE__API_KEY": ENGINE_KEY,
         "LORAGATE_MODEL__PATH": str(default_model_path()),
         "LORAGATE_ENGINE__DTYPE": "float32",  # compared with transformers+PEFT in fp32
+        "LORAGATE_ENGINE__MERGED_POLL_S": "0.5",
     }
     base = start_engine(root / "base", env, free_loopback_port())
     merged_port, spare_port = free_loopback_port(), free_loopback_port()
@@ -217,19 +219,33 @@ def test_a_replaced_adapter_hot_swaps_at_once_and_a_new_promotion_routes_back(
     setup: Setup,
 ) -> None:
     old, new = setup.adapters
+    old_digest = setup.engines()[setup.merged.url]["merged"]
     replaced = upload(setup.gateway, new, replace=True)
     assert replaced.status_code == 201 and replaced.json()["merged"] == []
-    served_merged = vllm_finished_requests(setup.merged.url)
-    # The merged engine still serves the old version, under its digest: nobody is sent there.
+    served_merged = served_as(setup, "merged")
+    # Nobody is sent to the old version's merged copy, from the next request on (which may
+    # already be stopping: it retires the old version within a poll).
     assert [ask(setup, prompt) for prompt in PROMPTS] == new.references
-    assert vllm_finished_requests(setup.merged.url) == served_merged
+    assert served_as(setup, "merged") == served_merged
     assert base_loads(setup) == 1
+    # The merged engine retires its copy of the old version by itself (its vLLM stops); the
+    # command stays up, waiting for a merged copy of the current version.
+    wait_until("the old version retired", lambda: not setup.merged.healthy(), 60, 0.5)
+    assert setup.merged.proc.poll() is None, setup.merged.log()
 
-    # Back to the old content, promoted again: its merged copy is in the store already.
+    # Back to the old content, promoted again (its merged copy is in the store already): the
+    # waiting engine serves it again, and the gateway routes it there.
     assert upload(setup.gateway, old, replace=True).status_code == 201
     assert setup.admin("POST", "hot/merge").json()["merged"]
+    wait_healthy(setup.merged)
+    wait_until(
+        "the merged engine back in the gateway's pool",
+        lambda: (e := setup.engines()[setup.merged.url])["ready"] and e["merged"] == old_digest,
+        60,
+    )
     assert [ask(setup, prompt) for prompt in PROMPTS] == old.references
-    assert vllm_finished_requests(setup.merged.url) >= served_merged + len(PROMPTS)
+    assert vllm_finished_requests(setup.merged.url) >= len(PROMPTS)  # a new vLLM: from zero
+    assert "was replaced" in setup.merged.log_path.read_text(errors="replace")
 
 
 def test_stopping_the_merged_engine_falls_back_to_hot_swap_with_no_failed_request(
