@@ -44,7 +44,6 @@ class Following:
 
     follower: MergedFollower
     argv_for: Callable[[MergedModel], list[str]]
-    poll_s: float
 
 
 async def supervise(
@@ -58,6 +57,7 @@ async def supervise(
     (1). With `following`, wait for a servable merged copy first, and stop serving it (and wait
     again) once its version is replaced, demoted or deleted."""
     loop = asyncio.get_running_loop()
+    poll_s = settings.engine.merged_poll_s
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,20 +67,20 @@ async def supervise(
         while True:
             serving = None
             if following is not None:
-                serving = await _servable(following, stop)
+                serving = await _servable(following, poll_s, stop)
                 if serving is None:
                     return 0
                 process.argv = following.argv_for(serving)
             process.start()
             await _until_healthy_or_stopped(process, probe, settings, stop)
             retired = None
-            next_check = loop.time() + (following.poll_s if following else 0)
+            next_check = loop.time() + poll_s
             while not stop.is_set() and process.returncode() is None and retired is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)
                 if following is not None and serving is not None and loop.time() >= next_check:
                     retired = await asyncio.to_thread(following.follower.retired, serving)
-                    next_check = loop.time() + following.poll_s
+                    next_check = loop.time() + poll_s
             if stop.is_set():
                 return 0
             if retired is not None:
@@ -120,7 +120,7 @@ async def _until_healthy_or_stopped(
             raise error
 
 
-async def _servable(following: Following, stop: asyncio.Event) -> MergedModel | None:
+async def _servable(following: Following, poll_s: float, stop: asyncio.Event) -> MergedModel | None:
     """The merged model to serve, once there is one (None: stopped while waiting). Until then
     nothing listens on the engine's port: gateways and readiness probes see it down."""
     said = None
@@ -129,12 +129,10 @@ async def _servable(following: Following, stop: asyncio.Event) -> MergedModel | 
             return await asyncio.to_thread(following.follower.resolve)
         except NotServableError as e:
             if e.message != said:
-                logger.warning(
-                    "not serving yet: %s (checked again every %g s)", e.message, following.poll_s
-                )
+                logger.warning("not serving yet: %s (checked again every %g s)", e.message, poll_s)
                 said = e.message
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), following.poll_s)
+            await asyncio.wait_for(stop.wait(), poll_s)
     return None
 
 
@@ -156,7 +154,6 @@ def run_engine(settings: Settings, host: str, port: int, merged_spec: str | None
         following = Following(
             MergedFollower(settings, merged_spec),
             functools.partial(engine_argv, settings, host, port),
-            settings.engine.merged_poll_s,
         )
     process = EngineProcess(
         engine_argv(settings, host, port),

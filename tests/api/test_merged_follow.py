@@ -95,8 +95,7 @@ def write_merged(path: Path, record: AdapterRecord, revision: str) -> Path:
 
 
 @pytest.fixture
-async def follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Follow]:
-    monkeypatch.setenv("LORAGATE_ENGINE__API_KEY", ENGINE_KEY)
+async def follow(tmp_path: Path) -> AsyncIterator[Follow]:
     settings = make_settings(
         tmp_path,
         store_url=(tmp_path / "store").as_uri(),
@@ -108,7 +107,6 @@ async def follow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     following = Following(
         MergedFollower(settings, "acme/hot"),
         lambda model: engine_argv(settings, "127.0.0.1", port, model),
-        POLL_S,
     )
     process = EngineProcess(engine_argv(settings, "127.0.0.1", port), None, api_key=ENGINE_KEY)
     stop = asyncio.Event()
