@@ -78,9 +78,45 @@ class FakeEngineStats:
     unloads: int = 0
     # engine name -> adapter path, like vLLM's runtime-loaded LoRA table
     adapters: dict[str, str] = field(default_factory=dict)
-    # requests running per engine name, and unloads that hit a busy adapter (must stay 0)
+    # requests running per engine name
     in_flight: Counter[str] = field(default_factory=Counter)
+    # Requests served to the end though their adapter was unloaded while they ran (must stay 0).
+    # One whose caller hung up does not count: vLLM aborts it once it sees the disconnect, and
+    # an unload that lands first takes nothing from it (vLLM's unload only drops the name).
     unloaded_while_busy: int = 0
+
+
+@dataclass(eq=False)
+class _Run:
+    """One generation request while the engine runs it."""
+
+    model: str
+    unloaded_under: bool = False  # its adapter was unloaded while it ran
+
+
+class _Runs:
+    """The requests running, by engine name, in `stats.in_flight`; each ends served (sent in
+    full) or aborted, and one served after an unload hit it counts in `unloaded_while_busy`."""
+
+    def __init__(self, stats: FakeEngineStats) -> None:
+        self._stats = stats
+        self._by_model: defaultdict[str, set[_Run]] = defaultdict(set)
+
+    def start(self, model: str) -> _Run:
+        run = _Run(model)
+        self._by_model[model].add(run)
+        self._stats.in_flight[model] += 1
+        return run
+
+    def end(self, run: _Run, served: bool) -> None:
+        self._by_model[run.model].discard(run)
+        self._stats.in_flight[run.model] -= 1
+        if served and run.unloaded_under:
+            self._stats.unloaded_while_busy += 1
+
+    def unloaded(self, model: str) -> None:
+        for run in self._by_model[model]:
+            run.unloaded_under = True
 
 
 def fake_tokens(body: dict[str, Any]) -> list[str]:
@@ -306,14 +342,14 @@ class _ClosingStreamingResponse(StreamingResponse):
                 await body.aclose()
 
 
-async def _counted(
-    events: AsyncIterator[bytes], stats: FakeEngineStats, model: str
-) -> AsyncIterator[bytes]:
+async def _counted(events: AsyncIterator[bytes], runs: _Runs, run: _Run) -> AsyncIterator[bytes]:
+    served = False
     try:
         async for event in events:
             yield event
+        served = True
     finally:
-        stats.in_flight[model] -= 1
+        runs.end(run, served)
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -384,6 +420,7 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
     app = FastAPI(title="loragate fake engine")
     app.state.knobs = knobs
     app.state.stats = stats
+    runs = _Runs(stats)
     app.add_middleware(ApiKeyGuard, knobs=knobs)
     runners: dict[Capacity, CapacityRunner] = {}
     # One resolution per name at a time, as vLLM's: requests naming it together load it once.
@@ -481,7 +518,7 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
         if adapter is not None:
             # An adapter's answer differs from the base's, deterministically per adapter path.
             tokens = [f"[{Path(stats.adapters[adapter]).name[:8]}]", *tokens][: len(tokens)]
-        stats.in_flight[model] += 1
+        run = runs.start(model)
         capacity = runner()
         if body.get("stream"):
             ticks = _timed_ticks(knobs, len(tokens))
@@ -489,7 +526,7 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
                 ticks = _modelled_ticks(knobs, capacity, adapter, body, len(tokens))
             events = _stream(body, tokens, ticks)
             return _ClosingStreamingResponse(
-                _counted(events, stats, model), media_type="text/event-stream"
+                _counted(events, runs, run), media_type="text/event-stream"
             )
 
         async def compute() -> None:
@@ -501,11 +538,13 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
             else:
                 await asyncio.sleep(knobs.ttft_s + knobs.token_interval_s * max(len(tokens) - 1, 0))
 
+        answered = False
         try:
             if not await _unless_disconnected(request, compute()):
                 return PlainTextResponse("client disconnected", status_code=499)
+            answered = True
         finally:
-            stats.in_flight[model] -= 1
+            runs.end(run, answered)
         chat = "messages" in body
         return (_chat_result if chat else _completion_result)(body, tokens)
 
@@ -520,10 +559,9 @@ def create_fake_engine_app(knobs: FakeEngineKnobs | None = None) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(request: Request) -> Any:
         body = await request.json()
-        if stats.in_flight[body["lora_name"]]:
-            stats.unloaded_while_busy += 1
         if stats.adapters.pop(body["lora_name"], None) is None:
             return _error(404, f"The lora adapter '{body['lora_name']}' cannot be found.")
+        runs.unloaded(body["lora_name"])
         stats.unloads += 1
         return PlainTextResponse("Success")
 

@@ -20,6 +20,7 @@ from server.engine_servers.fake_engine import (
 from server.engines.openai_http import OpenAIHttpEngine
 from server.errors import EngineError
 from tests.api.conftest import serving
+from tests.api.test_disconnects import eventually
 
 MODEL = "fake-base"
 KEY = "sk-engine"
@@ -272,6 +273,33 @@ async def test_a_stream_that_goes_away_leaves_the_batch(knobs: FakeEngineKnobs) 
                     break
                 await asyncio.sleep(0.05)
             assert gauges((await client.get("/metrics")).text) == {RUNNING: 0.0, WAITING: 0.0}
+
+
+async def test_an_unload_counts_against_a_request_it_hits_only_if_that_one_is_served(
+    knobs: FakeEngineKnobs,
+) -> None:
+    """`unloaded_while_busy` counts a request served to the end after its adapter was unloaded
+    under it (the gateway let go too early), not one whose caller had hung up: vLLM aborts that
+    one, and its unload takes nothing from it."""
+    knobs.token_interval_s = 0.05
+    fake = create_fake_engine_app(knobs)
+    stats = fake.state.stats
+    body = chat(ADAPTER, " ".join(["w"] * 20), stream=True, max_tokens=40)  # about 1 s
+    unload = {"lora_name": ADAPTER}
+    load = {**unload, "lora_path": "/adapters/x"}
+    with serving(fake) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for read_to_the_end in (False, True):
+                assert (await client.post("/v1/load_lora_adapter", json=load)).status_code == 200
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    assert (await anext(lines)).startswith("data: ")
+                    answer = await client.post("/v1/unload_lora_adapter", json=unload)
+                    assert answer.status_code == 200
+                    if read_to_the_end:
+                        assert "data: [DONE]" in [line async for line in lines]
+                assert await eventually(lambda: stats.in_flight[ADAPTER] == 0, 5)
+                assert stats.unloaded_while_busy == int(read_to_the_end), read_to_the_end
 
 
 # --- the command line -------------------------------------------------------------------------
