@@ -71,7 +71,10 @@ class MergedArtifacts(Protocol):
         """Remove a merged model; no error if it is absent."""
         ...
 
-    def keys(self) -> set[str]: ...
+    def keys(self, older_than_s: float = 0.0) -> set[str]:
+        """The keys stored, only those published at least `older_than_s` ago if given: a
+        sweep spares a copy a promotion has just published and not recorded yet."""
+        ...
 
 
 def merge_key(adapter_digest: str, base_revision: str, scheme: str) -> str:
@@ -258,15 +261,21 @@ class LocalMergedArtifacts:
                 f"could not delete merged model {key[:12]}: {exc.strerror or exc}"
             ) from exc
 
-    def keys(self) -> set[str]:
+    def keys(self, older_than_s: float = 0.0) -> set[str]:
+        cutoff = time.time() - older_than_s
+        found: set[str] = set()
         try:
-            return {
-                entry.name
-                for entry in os.scandir(self._root)
-                if DIGEST.fullmatch(entry.name) is not None
-            }
+            for entry in os.scandir(self._root):
+                if DIGEST.fullmatch(entry.name) is None:
+                    continue
+                # The manifest was copied into the staging dir just before the rename that
+                # published it: its mtime is the publication's.
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    if os.stat(Path(entry.path) / MERGED_MANIFEST).st_mtime <= cutoff:
+                        found.add(entry.name)
         except OSError as exc:
             raise AdapterStoreError(f"cannot list the merged model store: {exc.strerror}") from exc
+        return found
 
 
 class S3MergedArtifacts:
@@ -343,13 +352,16 @@ class S3MergedArtifacts:
         except OSError as exc:
             logger.warning("could not drop %s from the merged model cache: %s", key[:12], exc)
 
-    def keys(self) -> set[str]:
+    def keys(self, older_than_s: float = 0.0) -> set[str]:
         base = join_key(self._prefix, "merged") + "/"
+        cutoff = time.time() - older_than_s
         found: set[str] = set()
         try:
-            for name in self._listed(base):
+            for name, modified in self._listed_with_times(base):
                 key, _, leaf = name.removeprefix(base).partition("/")
-                if leaf == MERGED_MANIFEST and DIGEST.fullmatch(key) is not None:
+                # The manifest is uploaded last: its time is the publication's.
+                manifest = leaf == MERGED_MANIFEST and DIGEST.fullmatch(key) is not None
+                if manifest and modified <= cutoff:
                     found.add(key)
         except S3_ERRORS as exc:
             raise s3_error("list the merged model store", exc) from exc
@@ -359,10 +371,18 @@ class S3MergedArtifacts:
         return join_key(self._prefix, "merged", key, name)
 
     def _listed(self, prefix: str) -> list[str]:
+        return [name for name, _ in self._listed_with_times(prefix)]
+
+    def _listed_with_times(self, prefix: str) -> list[tuple[str, float]]:
+        """Every object under `prefix`: its key, and when it was written (Unix time)."""
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self._bucket, Prefix=prefix
         )
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        return [
+            (obj["Key"], obj["LastModified"].timestamp())
+            for page in pages
+            for obj in page.get("Contents", [])
+        ]
 
     def _fetch(self, key: str, target: Path) -> None:
         """Download the model into `target`, published by one rename once every file is checked."""

@@ -91,6 +91,10 @@ class AdapterRegistry(Protocol):
         """Digests some record points at: the store may garbage-collect all others."""
         ...
 
+    def referenced_merged_keys(self) -> set[str]:
+        """Merged copy keys some record points at: the merged store may collect all others."""
+        ...
+
     def generation(self) -> int:
         """Changes on every put or delete, also by other processes: compare it for inequality."""
         ...
@@ -293,11 +297,17 @@ class LocalAdapterRegistry:
             raise _io_error(f"delete adapter {name!r}", exc) from exc
 
     def referenced_digests(self) -> set[str]:
+        return {record.digest for record in self._every_record()}
+
+    def referenced_merged_keys(self) -> set[str]:
+        return {copy.key for record in self._every_record() for copy in record.merged}
+
+    def _every_record(self) -> tuple[AdapterRecord, ...]:
         try:
             tenants = [t for t in os.listdir(self._root) if TENANT_NAME.fullmatch(t)]
         except OSError as exc:
             raise _io_error("list tenants", exc) from exc
-        return {record.digest for tenant in tenants for record in self.list(tenant)}
+        return tuple(record for tenant in tenants for record in self.list(tenant))
 
     def generation(self) -> int:
         try:

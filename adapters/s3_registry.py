@@ -256,11 +256,17 @@ class S3AdapterRegistry:
         self._bump_generation()
 
     def referenced_digests(self) -> set[str]:
+        return {record.digest for record in self._every_record()}
+
+    def referenced_merged_keys(self) -> set[str]:
+        return {copy.key for record in self._every_record() for copy in record.merged}
+
+    def _every_record(self) -> tuple[AdapterRecord, ...]:
         try:
             found = [self._listed(t, n, etag) for t, n, etag in self._records(self._root + "/")]
         except S3_ERRORS as exc:
             raise s3_error("list its records", exc) from exc
-        return {record.digest for record in found if record is not None}
+        return tuple(record for record in found if record is not None)
 
     def generation(self) -> int:
         try:

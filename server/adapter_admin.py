@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -265,12 +266,19 @@ class AdapterAdminService:
             logger.info("adapter sweep collected %d unreferenced versions", removed)
         return removed
 
-    async def run_sweeps(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    async def run_sweeps(
+        self,
+        interval_s: float = SWEEP_INTERVAL_S,
+        merged: Callable[[float], Awaitable[int]] | None = None,
+    ) -> None:
         """Sweep now (what a crash or another replica left behind), then every `interval_s`,
-        until cancelled. A failed sweep is logged and tried again next time."""
+        until cancelled; `merged(grace_s)` too, the merged copies' sweep. A failed sweep is
+        logged and tried again next time."""
         while True:
             try:
                 await asyncio.to_thread(self.sweep)
+                if merged is not None:
+                    await merged(self._orphan_grace_s)
             except AdapterStoreError as e:
                 logger.warning("adapter sweep failed: %s", e.message)
             await asyncio.sleep(interval_s)

@@ -148,9 +148,6 @@ def create_app(
                 settings.store_path / "uploads", pool, metrics,
                 orphan_grace_s=settings.adapters.orphan_grace_s,
             )  # fmt: skip
-            sweeper = asyncio.create_task(
-                admin.run_sweeps(settings.adapters.sweep_interval_s), name="adapter-sweeper"
-            )
             promotion = PromotionService(
                 registry, store,
                 open_merged_store(settings),
@@ -158,6 +155,10 @@ def create_app(
                 timeout_s=settings.adapters.merge_timeout_s,
                 quantized=settings.model.quantization != "none",
             )  # fmt: skip
+            sweeper = asyncio.create_task(
+                admin.run_sweeps(settings.adapters.sweep_interval_s, promotion.sweep),
+                name="adapter-sweeper",
+            )
             app.state.services = Services(tenants, generation, admin, pool, metrics, promotion)
             yield
         finally:

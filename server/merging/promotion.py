@@ -11,7 +11,9 @@ one at a time per gateway (each holds a full-precision copy of the base in memor
 Demoting removes the copies from the record: gateways stop routing to merged engines at once
 (they route by the record), and the engines serving them stop within their poll
 (`server.engine_servers.merged_model`). The stored copy stays
-until the store's sweep: another tenant's identical adapter may share it.
+until the sweep (`sweep`, with the adapter sweep): another tenant's identical adapter may share
+it, so only a copy no record points at goes, and only once older than the orphan grace (a
+promotion publishes its copy before it records it).
 """
 
 from __future__ import annotations
@@ -125,6 +127,24 @@ class PromotionService:
                 self._artifacts.publish(key, out)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
+
+    async def sweep(self, grace_s: float) -> int:
+        """Delete the stored merged copies that no record points at and that were published
+        over `grace_s` ago; returns how many went. Never while a merge here runs: it may be
+        about to record a copy it found stored."""
+        async with self._one_at_a_time:
+            return await asyncio.to_thread(self._sweep, grace_s)
+
+    def _sweep(self, grace_s: float) -> int:
+        # References read before ages: a copy recorded after this read was published before
+        # the listing, but a promotion publishes just before it records, inside the grace.
+        referenced = self._registry.referenced_merged_keys()
+        doomed = sorted(self._artifacts.keys(grace_s) - referenced)
+        for key in doomed:
+            self._artifacts.delete(key)
+        if doomed:
+            logger.info("merged sweep collected %d unreferenced merged copies", len(doomed))
+        return len(doomed)
 
     async def demote(self, tenant: str, name: str) -> AdapterRecord:
         return await asyncio.to_thread(self._demote, tenant, name)

@@ -322,6 +322,7 @@ def check_merged_copies(registry: AdapterRegistry) -> None:
     updated = registry.set_merged("acme", "a", first.digest, (copy,))
     assert updated.merged == (copy,)
     assert registry.get("acme", "a") == updated
+    assert registry.referenced_merged_keys() == {copy.key}  # what the merged sweep keeps
     # Re-uploading the same content keeps them; a new version starts without.
     assert registry.put(record("a", "v1"), replace=False)[1].merged == (copy,)
     registry.put(record("a", "v2"), replace=True)
@@ -335,6 +336,7 @@ def check_merged_copies(registry: AdapterRegistry) -> None:
         registry.set_merged("acme", "nope", first.digest, (copy,))
     registry.set_merged("acme", "a", current.digest, (copy,))
     assert registry.set_merged("acme", "a", current.digest, ()).merged == ()  # demoted
+    assert registry.referenced_merged_keys() == set()
 
 
 def test_merged_copies_are_recorded_on_the_version_they_were_built_from(

@@ -103,6 +103,8 @@ def test_publish_exists_keys_local_dir_delete_round_trip(
     assert artifacts.local_dir(KEY) == local
     assert contents(src) == {**FILES, MERGED_MANIFEST: (src / MERGED_MANIFEST).read_bytes()}
 
+    # Published just now: not among the keys published an hour ago or more.
+    assert artifacts.keys(older_than_s=3600) == set() and artifacts.keys(0) == {KEY}
     other = write_merged(tmp_path / "other", revision="smollm2@2")
     artifacts.publish(OTHER_KEY, other)
     assert artifacts.keys() == {KEY, OTHER_KEY}

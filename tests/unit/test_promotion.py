@@ -3,13 +3,14 @@ on that version only; promoting twice builds once; demoting leaves the adapter h
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from adapters.errors import AdapterConflictError, AdapterNotFoundError
-from adapters.merged_store import LocalMergedArtifacts, merge_key
+from adapters.merged_store import MERGED_MANIFEST, LocalMergedArtifacts, merge_key
 from adapters.registry import LocalAdapterRegistry
 from adapters.store import LocalAdapterStore
 from adapters.types import FULL_PRECISION, AdapterRecord
@@ -133,3 +134,29 @@ async def test_on_a_quantized_base_a_merge_is_refused_with_501(
     with pytest.raises(MergeUnavailableError) as caught:
         await promotion.merge("acme", "hot")
     assert caught.value.status_code == 501 and "quantized base" in caught.value.message
+
+
+def backdate(path: Path, seconds: float) -> None:
+    when = path.stat().st_mtime - seconds
+    os.utime(path, (when, when))
+
+
+async def test_the_sweep_collects_only_old_merged_copies_no_record_points_at(
+    service: tuple[PromotionService, LocalAdapterStore, LocalAdapterRegistry, LocalMergedArtifacts],
+    models: tuple[Path, Path],
+) -> None:
+    promotion, store, registry, artifacts = service
+    digest = stored(store, registry, models[1])
+    key = merge_key(digest, REVISION, FULL_PRECISION)
+    await promotion.merge("acme", "hot")
+    backdate(artifacts.local_dir(key) / MERGED_MANIFEST, 7200)
+    assert await promotion.sweep(600) == 0 and artifacts.exists(key)  # recorded: kept
+
+    await promotion.demote("acme", "hot")
+    assert await promotion.sweep(600) == 1 and not artifacts.exists(key)
+
+    # Built again: younger than the grace (as a promotion not recorded yet is), so kept.
+    await promotion.merge("acme", "hot")
+    await promotion.demote("acme", "hot")
+    assert await promotion.sweep(600) == 0 and artifacts.exists(key)
+    assert registry.referenced_merged_keys() == set()
