@@ -136,8 +136,10 @@ class PromotionService:
             return await asyncio.to_thread(self._sweep, grace_s)
 
     def _sweep(self, grace_s: float) -> int:
-        # References read before ages: a copy recorded after this read was published before
-        # the listing, but a promotion publishes just before it records, inside the grace.
+        # References read before the listing: a copy published after this read is younger
+        # than the grace, so kept. A promotion on another replica that records an old copy it
+        # found stored, between this read and the delete, loses it; promoting again rebuilds
+        # it (replicas sharing a store need the store's own guarantee, as for adapter files).
         referenced = self._registry.referenced_merged_keys()
         doomed = sorted(self._artifacts.keys(grace_s) - referenced)
         for key in doomed:
